@@ -1,0 +1,137 @@
+"""Base configuration shared by every experiment.
+
+Each experiment file imports `get_config` from here and overrides a few fields.
+Passing `:smoke` after a config path (``--config configs/cifar10_ct.py:smoke``)
+shrinks any config to a seconds-long CPU run (see `shrink`).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Data: where images come from and how they are batched.
+    data = config.data = ml_collections.ConfigDict()
+    data.name = "cifar10"  # cifar10 | digits | npz
+    data.path = ""  # .npz file for name=npz (array 'images' or 'x', uint8 NHWC)
+    data.data_dir = ""  # tensorflow-datasets data dir ('' = tfds default)
+    data.split = "train"
+    data.image_size = 32
+    data.num_channels = 3
+    data.random_flip = True
+
+    # Network F_theta (NCSN++ as in the OpenAI CIFAR-10 consistency-model configs).
+    model = config.model = ml_collections.ConfigDict()
+    model.name = "ncsnpp"
+    model.nf = 128
+    model.ch_mult = (2, 2, 2)
+    model.num_res_blocks = 4
+    model.attn_resolutions = (16,)
+    model.dropout = 0.0
+    model.resblock_type = "biggan"  # biggan | ddpm
+    model.resamp_with_conv = True
+    model.fir = True
+    model.fir_kernel = (1, 3, 3, 1)
+    model.skip_rescale = True
+    model.init_scale = 0.0
+    model.embedding_type = "fourier"  # fourier | positional
+    model.fourier_scale = 16.0
+    model.progressive = "none"  # none | output_skip | residual
+    model.progressive_input = "residual"  # none | input_skip | residual
+    model.progressive_combine = "sum"  # sum | cat
+    model.num_classes = 0  # 0 = unconditional
+    model.dtype = "float32"  # activation/matmul dtype: float32 | bfloat16
+
+    # Consistency model: schedule, parameterisation, loss.
+    cm = config.cm = ml_collections.ConfigDict()
+    cm.loss = "ct"  # ct | ict
+    cm.sigma_min = 0.002
+    cm.sigma_max = 80.0
+    cm.rho = 7.0
+    cm.sigma_data = 0.5
+    cm.metric = "pseudo_huber"  # l2 | l1 | pseudo_huber
+    cm.huber_c = -1.0  # < 0: 0.00054 * sqrt(dim), the iCT choice
+    cm.start_scales = 2  # s0
+    cm.end_scales = 150  # s1
+    cm.start_ema = 0.9  # mu0 (CT target EMA); iCT ignores it
+    cm.p_mean = -1.1  # iCT discrete lognormal level sampling
+    cm.p_std = 2.0
+
+    # Immiscible noise assignment (see assignment/).
+    assign = config.assignment = ml_collections.ConfigDict()
+    assign.method = "none"  # none | linear | knn
+    assign.scope = "device"  # device | host
+    assign.where = "host"  # host (background thread) | device (inside the jitted step)
+    assign.cost = "l2"  # l2 | sqeuclidean
+    assign.dtype = "float32"  # distance dtype: float32 | float16 | bfloat16
+    assign.scale = 1.0  # images multiplied by this before the distance
+    assign.k = 4  # knn candidates per image
+    assign.solver = "auto"  # exact linear solver on the host
+    assign.prefetch = 2  # batches queued ahead of the device
+
+    # Optimiser.
+    optim = config.optim = ml_collections.ConfigDict()
+    optim.optimizer = "radam"  # radam | adam
+    optim.lr = 4e-4
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 0  # linear warmup steps
+    optim.grad_clip = 0.0  # global-norm clip; 0 = off
+
+    # Training loop.
+    training = config.training = ml_collections.ConfigDict()
+    training.seed = 0
+    training.batch_size = 512  # global batch
+    training.n_iters = 800_000
+    training.ema_rates = (0.9999,)  # evaluation EMAs of the online parameters
+    training.log_every = 100
+    training.sample_every = 10_000
+    training.snapshot_every = 50_000  # kept checkpoints
+    training.keep_snapshots = 3
+    training.resume_every = 1_000  # frequent checkpoint, only the latest is kept
+    training.n_grid = 64  # images in the sample grid PNG
+
+    # Sampling.
+    sample = config.sample = ml_collections.ConfigDict()
+    sample.ts = (80.0,)  # descending times; (sigma_max,) = one step
+    sample.ema_index = 0  # which of training.ema_rates to sample with
+    sample.n = 64
+    sample.batch_size = 256
+    sample.step = -1  # checkpoint step; -1 = latest
+
+    # Evaluation (FID / IS, see evaluation/).
+    ev = config.eval = ml_collections.ConfigDict()
+    ev.n_samples = 50_000
+    ev.batch_size = 500
+    ev.samplers = ("1step", "2step")
+    ev.two_step_t = 0.821  # intermediate time of two-step sampling
+    ev.steps = ""  # checkpoints: '' = all, '1000', '1000-5000', 'latest'
+    ev.inception_path = ""  # local pt_inception-2015-12-05 weights (.pth or converted .npz)
+    ev.stats_path = ""  # reference statistics (.npz); '' = cache dir default
+    ev.cache_dir = "~/.cache/immiscible_cm"
+
+    return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config to a seconds-long CPU smoke run (big_vision's runlocal)."""
+    config.model.nf = 16
+    config.model.ch_mult = (1, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (config.data.image_size // 2,)
+    config.training.batch_size = 8
+    config.training.n_iters = 4
+    config.training.log_every = 2
+    config.training.sample_every = 4
+    config.training.snapshot_every = 4
+    config.training.resume_every = 2
+    config.training.n_grid = 4
+    config.sample.n = 4
+    config.sample.batch_size = 4
+    config.eval.n_samples = 16
+    config.eval.batch_size = 8
+    config.optim.warmup = min(config.optim.warmup, 2)
+    return config
