@@ -1,0 +1,214 @@
+"""Image datasets held in host memory and deterministic, resumable batching.
+
+Every dataset becomes one uint8 array `[N, H, W, C]`. A batch is a pure function of
+(seed, step, process index): resuming at step k replays exactly the batches that the
+uninterrupted run saw, and each process of a multi-host run takes its own slice of
+the same global batch.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
+
+
+class DatasetError(RuntimeError):
+    """A dataset could not be loaded; the message says what to do."""
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of uint8 `[N, H, W, C]` to `[N, size, size, C]`."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    out = []
+    for im in images:
+        pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+        arr = np.asarray(pil.resize((size, size), Image.BILINEAR))
+        out.append(arr[..., None] if arr.ndim == 2 else arr)
+    return np.stack(out).astype(np.uint8)
+
+
+def load_digits(image_size: int = 8) -> np.ndarray:
+    """sklearn's 1,797 handwritten 8x8 digits (shipped with scikit-learn), uint8 `[N,S,S,1]`."""
+    from sklearn.datasets import load_digits as _load
+
+    images = _load().images  # [1797, 8, 8], values 0..16
+    images = np.round(images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return _resize(images, image_size)
+
+
+def load_digits_labels() -> np.ndarray:
+    from sklearn.datasets import load_digits as _load
+
+    return _load().target.astype(np.int32)
+
+
+def load_npz(path: str) -> np.ndarray:
+    """Images from a user's `.npz` (array `images` or `x`), uint8 NHWC or NHW."""
+    if not os.path.exists(path):
+        raise DatasetError(f"data.path {path!r} does not exist")
+    with np.load(path) as f:
+        keys = [k for k in ("images", "x") if k in f]
+        if not keys:
+            raise DatasetError(f"{path}: expected an array named 'images' or 'x', found "
+                               f"{sorted(f.keys())}")
+        images = f[keys[0]]
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DatasetError(f"{path}: images must be [N,H,W] or [N,H,W,C] with C in (1, 3), "
+                           f"got shape {images.shape}")
+    if images.dtype != np.uint8:
+        if images.min() < 0 or images.max() > 255:
+            raise DatasetError(f"{path}: non-uint8 images must lie in [0, 255]")
+        images = images.astype(np.uint8)
+    return images
+
+
+def _cifar_help(data_dir: str) -> str:
+    where = data_dir or "~/tensorflow_datasets"
+    return (
+        "CIFAR-10 is not prepared in the tensorflow-datasets data dir "
+        f"{where!r}. On a machine with internet run:\n"
+        f"  python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('cifar10', data_dir='{where}').download_and_prepare()\"\n"
+        "(needs `pip install tensorflow`). On a machine without internet, copy the archive "
+        f"{CIFAR10_ARCHIVE} (170,052,171 bytes, from https://www.cs.toronto.edu/~kriz/) "
+        f"into {where}/downloads/manual/ and run\n"
+        f"  python -c \"import tensorflow_datasets as tfds; "
+        f"tfds.builder('cifar10', data_dir='{where}').download_and_prepare("
+        f"download_config=tfds.download.DownloadConfig(manual_dir='{where}/downloads/manual'))\"\n"
+        "or copy an already prepared cifar10/3.0.2/ folder into that data dir."
+    )
+
+
+def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
+    """A prepared TFDS image dataset as uint8 `[N, H, W, C]` (no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                  download=False)
+    except Exception as e:  # tfds raises several types for "not prepared"
+        raise DatasetError(_cifar_help(data_dir) if name == "cifar10" else
+                           f"dataset {name!r} is not prepared in {data_dir!r}: {e}") from e
+    n = len(source)
+    images = None
+    chunk = 1000
+    for start in range(0, n, chunk):
+        idx = list(range(start, min(start + chunk, n)))
+        items = source.__getitems__(idx) if hasattr(source, "__getitems__") else [
+            source[i] for i in idx]
+        block = np.stack([np.asarray(it["image"]) for it in items])
+        if images is None:
+            images = np.empty((n,) + block.shape[1:], np.uint8)
+        images[start:start + len(idx)] = block
+    if images is None:
+        raise DatasetError(f"dataset {name!r} split {split!r} is empty")
+    return images
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"
+    path: str = ""
+    data_dir: str = ""
+    split: str = "train"
+    image_size: int = 32
+    num_channels: int = 3
+    random_flip: bool = True
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
+        d = config.data
+        return cls(name=d.name, path=d.path, data_dir=d.data_dir, split=d.split,
+                   image_size=d.image_size, num_channels=d.num_channels,
+                   random_flip=d.random_flip)
+
+
+LOADERS: dict[str, Callable[[DataConfig], np.ndarray]] = {
+    "cifar10": lambda c: load_tfds("cifar10", c.split, c.data_dir),
+    "digits": lambda c: load_digits(c.image_size),
+    "npz": lambda c: load_npz(c.path),
+}
+
+
+def load_images(cfg: DataConfig) -> np.ndarray:
+    """Loads the configured dataset and checks it against the configured shape."""
+    if cfg.name not in LOADERS:
+        raise DatasetError(f"unknown data.name {cfg.name!r}; expected one of {sorted(LOADERS)}")
+    images = LOADERS[cfg.name](cfg)
+    if images.shape[0] == 0:
+        raise DatasetError(f"dataset {cfg.name!r} has no images")
+    if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
+        images = _resize(images, cfg.image_size)
+    if images.shape[-1] != cfg.num_channels:
+        raise DatasetError(f"dataset {cfg.name!r} has {images.shape[-1]} channels but "
+                           f"data.num_channels={cfg.num_channels}")
+    return images
+
+
+class Batcher:
+    """Deterministic batches: `batch(step)` depends only on (seed, step, process).
+
+    Examples are visited epoch by epoch in an order fixed by (seed, epoch); a global
+    batch is the next `global_batch` positions of that stream, and process p takes
+    rows `[p * B_host, (p + 1) * B_host)`. Noise is drawn from (seed, step, process).
+    """
+
+    def __init__(self, images: np.ndarray, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, random_flip: bool = True):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the "
+                             f"{process_count} processes")
+        self.images = images  # uint8 [N, H, W, C]
+        self.global_batch = global_batch
+        self.host_batch = global_batch // process_count
+        self.seed = seed
+        self.process_index = process_index
+        self.random_flip = random_flip
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            if len(self._perm_cache) > 4:
+                self._perm_cache.clear()
+            rng = np.random.default_rng([self.seed, epoch, 0xDA7A])
+            self._perm_cache[epoch] = rng.permutation(len(self.images))
+        return self._perm_cache[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset indices of this process's rows of global batch `step`."""
+        n = len(self.images)
+        start = step * self.global_batch + self.process_index * self.host_batch
+        pos = np.arange(start, start + self.host_batch, dtype=np.int64)
+        epochs, offsets = np.divmod(pos, n)
+        out = np.empty(self.host_batch, np.int64)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return out
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Host batch: images `x` float32 in [-1, 1] and noise `z`, both `[B_host,H,W,C]`."""
+        idx = self.indices(step)
+        x = self.images[idx].astype(np.float32) / 127.5 - 1.0
+        if self.random_flip:
+            flip_rng = np.random.default_rng([self.seed, step, self.process_index, 0xF11B])
+            flip = flip_rng.random(len(idx)) < 0.5
+            x[flip] = x[flip, :, ::-1]
+        noise_rng = np.random.default_rng([self.seed, step, self.process_index, 0x2015E])
+        z = noise_rng.standard_normal(x.shape, dtype=np.float32)
+        return {"x": x, "z": z}
+
+    def __call__(self, start_step: int):
+        """Iterates batches from `start_step` on."""
+        step = start_step
+        while True:
+            yield self.batch(step)
+            step += 1

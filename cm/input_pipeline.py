@@ -1,0 +1,57 @@
+"""Connects the deterministic host batches to the assignment stage of `assignment/`.
+
+The host path pairs noise with images in a background thread, `prefetch` batches
+ahead of the device; the device path leaves the host batch alone and returns a
+jittable function that the train step applies to each device's shard.
+"""
+
+import functools
+
+import ml_collections
+
+import assignment
+from cm import data
+
+SCOPES = ("device", "host")
+WHERE = ("host", "device")
+
+
+def check_assignment_config(a: ml_collections.ConfigDict) -> None:
+    if a.method not in assignment.METHODS:
+        raise ValueError(f"unknown assignment.method {a.method!r}; expected one of "
+                         f"{sorted(assignment.METHODS)}")
+    if a.scope not in SCOPES:
+        raise ValueError(f"assignment.scope must be one of {SCOPES}, got {a.scope!r}")
+    if a.where not in WHERE:
+        raise ValueError(f"assignment.where must be one of {WHERE}, got {a.where!r}")
+    if a.where == "device" and a.scope != "device":
+        raise ValueError("assignment.where='device' assigns within each device's shard: "
+                         "it needs assignment.scope='device'")
+    if a.k < 1:
+        raise ValueError(f"assignment.k must be >= 1, got {a.k}")
+    if a.prefetch < 1:
+        raise ValueError(f"assignment.prefetch must be >= 1, got {a.prefetch}")
+
+
+def make_input(config: ml_collections.ConfigDict, batcher: data.Batcher, start_step: int,
+               num_local_devices: int) -> assignment.Pipeline:
+    """The iterator of host batches from `start_step`, as a context manager.
+
+    Each item is a dict with `x`, `z` (assigned on the host path) and `diagnostics`
+    (scalars: image-noise distance before and after assignment).
+    """
+    a = config.assignment
+    method = a.method if a.where == "host" else "none"
+    batch_fn = assignment.make_batch_fn(
+        method, scope=a.scope, num_shards=num_local_devices, cost=a.cost, dtype=a.dtype,
+        scale=a.scale, k=a.k, solver=a.solver, seed=config.training.seed)
+    return assignment.Pipeline(batcher(start_step), batch_fn, start_step=start_step,
+                               prefetch=a.prefetch)
+
+
+def device_assign_fn(a: ml_collections.ConfigDict):
+    """`fn(x, z, key) -> z` for the in-step path, or None on the host path."""
+    if a.where != "device" or a.method == "none":
+        return None
+    return functools.partial(assignment.assign_jax, method=a.method, cost=a.cost,
+                             dtype=a.dtype, scale=a.scale, k=a.k)

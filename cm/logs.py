@@ -1,0 +1,61 @@
+"""Metric sinks: a log line, `metrics.jsonl` and TensorBoard event files."""
+
+import json
+import math
+import os
+
+from absl import logging
+
+
+class MetricWriter:
+    """Writes one record per log step; only the main process should create one."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # pragma: no cover - optional dependency
+                logging.warning("tensorboardX not installed: no TensorBoard events")
+
+    def _truncate_after(self, step: int) -> None:
+        """Drops records past `step`: a resumed run logs those steps again."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip()]
+        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        if len(keep) != len(rows):
+            with open(self.path, "w") as f:
+                f.writelines(keep)
+
+    def write(self, step: int, metrics: dict) -> None:
+        record = {"step": int(step)}
+        record.update({k: (float(v) if isinstance(v, float | int) or hasattr(v, "item")
+                           else v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,197 @@
+"""The training loop: one flat loop with explicit log / sample / checkpoint triggers.
+
+Host: deterministic batches and noise (`cm.data.Batcher`), paired by the assignment
+stage in a background thread. Device: the jitted step of `cm.train_step`. The workdir
+is the resume key: a checkpoint there means continue.
+"""
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cm import checkpoints, consistency, data, logs, model, sampling, train_step, workdir
+from cm import input_pipeline
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Config errors that would otherwise surface deep inside a run."""
+    t = config.training
+    n_dev = jax.device_count()
+    if t.batch_size <= 0 or t.batch_size % n_dev:
+        raise ValueError(f"training.batch_size={t.batch_size} must be a positive multiple of "
+                         f"the {n_dev} devices")
+    for name in ("n_iters", "log_every", "sample_every", "snapshot_every", "resume_every"):
+        if t[name] < 0:
+            raise ValueError(f"training.{name} must be >= 0, got {t[name]}")
+    if t.log_every == 0:
+        raise ValueError("training.log_every must be positive")
+    if not t.ema_rates or any(not 0 <= r < 1 for r in t.ema_rates):
+        raise ValueError(f"training.ema_rates must be rates in [0, 1), got {t.ema_rates}")
+    if not 0 <= config.sample.ema_index < len(t.ema_rates):
+        raise ValueError(f"sample.ema_index={config.sample.ema_index} but there are "
+                         f"{len(t.ema_rates)} EMA rates")
+    consistency.CMConfig.from_config(config)  # checks the cm section
+    input_pipeline.check_assignment_config(config.assignment)
+
+
+class Setup:
+    """Everything the train and sample modes build from a config."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.cm = consistency.CMConfig.from_config(config)
+        self.mesh = train_step.make_mesh()
+        self.module = model.build_model(config)
+        self.apply_fn = model.make_apply_fn(self.module)
+        self.tx = train_step.make_optimizer(config.optim)
+        s, c = config.data.image_size, config.data.num_channels
+        self.image_shape = (s, s, c)
+        key = jax.random.PRNGKey(config.training.seed)
+        self.init_key, self.step_key, self.sample_key = jax.random.split(key, 3)
+        self.replicated = NamedSharding(self.mesh, P())
+
+    def abstract_state(self):
+        def make():
+            params = model.init_params(self.module, self.init_key, self.config)
+            return train_step.init_state(params, self.tx, self.cm.loss,
+                                         len(self.config.training.ema_rates))
+
+        shapes = jax.eval_shape(make)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
+
+    def init_state(self):
+        params = model.init_params(self.module, self.init_key, self.config)
+        state = train_step.init_state(params, self.tx, self.cm.loss,
+                                      len(self.config.training.ema_rates))
+        return jax.device_put(state, self.replicated)
+
+    def sampler(self, ts):
+        return sampling.make_sampler(self.apply_fn, self.cm, self.mesh, self.image_shape, ts)
+
+    def round_batch(self, n: int) -> int:
+        d = jax.device_count()
+        return -(-n // d) * d
+
+
+def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str:
+    n = setup.round_batch(setup.config.training.n_grid)
+    sampler = setup.sampler((setup.cm.sigma_max,))
+    images = np.asarray(jax.device_get(sampler(params, setup.sample_key, n)))
+    os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    path = os.path.join(run_dir, "samples", f"step_{step:08d}.png")
+    upscale = max(1, 64 // setup.image_shape[0])
+    sampling.save_grid(images[: setup.config.training.n_grid], path, upscale=upscale)
+    return path
+
+
+def train(config: ml_collections.ConfigDict, run_dir: str) -> dict:
+    """Trains (or resumes) the run in `run_dir`; returns the last logged metrics."""
+    validate(config)
+    is_main = jax.process_index() == 0
+    changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
+    images = data.load_images(data.DataConfig.from_config(config))
+    setup = Setup(config)
+    t = config.training
+
+    state = setup.init_state()
+    n_params = model.count_params(state.params)
+    logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
+                 n_params / 1e6)
+    ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
+                                    snapshot_every=t.snapshot_every,
+                                    resume_every=t.resume_every)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(checkpoints.abstract_like(state))
+        logging.info("resumed from step %d in %s", start, run_dir)
+    if is_main:
+        if changed:
+            logging.warning("config differs from the saved one in: %s", ", ".join(changed))
+        workdir.write_config(run_dir, config)
+    writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
+
+    step_fn = train_step.make_train_step(
+        setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
+        device_assign=input_pipeline.device_assign_fn(config.assignment))
+    batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
+                           jax.process_count(), config.data.random_flip)
+    logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices",
+                 config.data.name, len(images), images.shape[1:], t.batch_size,
+                 jax.device_count())
+
+    last = {}
+    pending: list[tuple[int, jax.Array]] = []
+    last_good = start
+
+    def check_losses():
+        nonlocal pending
+        values = jax.device_get([v for _, v in pending])
+        for (s, _), v in zip(pending, values, strict=True):
+            if not np.isfinite(v):
+                raise FloatingPointError(
+                    f"loss is {float(v)} at step {s}; stopping. The last good checkpoint "
+                    f"(step {last_good}) is kept in {run_dir}.")
+        pending = []
+        return values
+
+    with input_pipeline.make_input(config, batcher, start, jax.local_device_count()) as inputs:
+        t_log, waited_log = time.perf_counter(), 0.0
+        diag_acc: dict[str, list[float]] = {}
+        step = prev_log = start
+        while step < t.n_iters:
+            t0 = time.perf_counter()
+            host = next(inputs)
+            waited_log += time.perf_counter() - t0
+            for k, v in host.pop("diagnostics", {}).items():
+                diag_acc.setdefault(k, []).append(float(v))
+            state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh))
+            step += 1
+            pending.append((step, metrics["loss"]))
+
+            if step % t.log_every == 0 or step == t.n_iters:
+                losses = check_losses()
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                m["loss"] = float(np.mean(losses)) if len(losses) else m["loss"]
+                m["loss_last"] = float(jax.device_get(metrics["loss"]))
+                wall = time.perf_counter() - t_log
+                m["steps_per_sec"] = (step - prev_log) / wall
+                m["images_per_sec"] = m["steps_per_sec"] * t.batch_size
+                m["input_wait_fraction"] = waited_log / wall
+                for k, v in diag_acc.items():
+                    m[k] = float(np.mean(v))
+                eta = (t.n_iters - step) / max(m["steps_per_sec"], 1e-9)
+                if is_main:
+                    extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diag_acc))
+                    logging.info(
+                        "step %d/%d loss=%.5g N=%d mu=%.5f %.1f img/s wait=%.1f%%%s left=%s",
+                        step, t.n_iters, m["loss"], m["num_scales"], m["mu"],
+                        m["images_per_sec"], 100 * m["input_wait_fraction"], extra,
+                        logs.format_duration(eta))
+                    writer.write(step, m)
+                last = {"step": step, **m}
+                t_log, waited_log, diag_acc = time.perf_counter(), 0.0, {}
+                prev_log = step
+
+            final = step == t.n_iters
+            due = (t.snapshot_every and step % t.snapshot_every == 0) or (
+                t.resume_every and step % t.resume_every == 0)
+            if due or final:
+                check_losses()  # never checkpoint a state that saw a NaN
+                if ckpt.save(step, state, force=final):
+                    last_good = step
+            if is_main and ((t.sample_every and step % t.sample_every == 0) or final):
+                ema = state.ema_params[config.sample.ema_index]
+                path = _write_grid(setup, ema, step, run_dir)
+                logging.info("sample grid: %s", path)
+    ckpt.wait()
+    ckpt.close()
+    if writer is not None:
+        writer.close()
+    return last

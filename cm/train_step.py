@@ -1,0 +1,137 @@
+"""The pure training step `(state, batch) -> (state, metrics)` over a ('data',) mesh.
+
+Each device gets one shard of the global batch (`jax.shard_map`), computes the
+consistency loss on it, and the gradients are averaged across the `data` axis. The
+optimiser, the CT target EMA and the evaluation EMAs are updated once, replicated.
+Randomness comes from `fold_in(base_key, step)`; per-example keys are folded with the
+global example index so the update does not depend on the number of devices.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cm import consistency
+
+PyTree = Any
+# device_assign(x [b,H,W,C], z [b,H,W,C], key) -> z, applied to each device's shard.
+DeviceAssignFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: PyTree
+    target_params: PyTree | None  # CT's EMA teacher; None for iCT
+    ema_params: tuple  # one copy per rate in training.ema_rates
+    opt_state: PyTree
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(devices, ("data",))
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """RAdam or Adam with linear warmup and optional global-norm clipping."""
+    if optim.warmup > 0:
+        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup)
+    else:
+        lr = optim.lr
+    makers = {"adam": optax.adam, "radam": optax.radam}
+    if optim.optimizer not in makers:
+        raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; "
+                         f"expected one of {sorted(makers)}")
+    chain = []
+    if optim.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(optim.grad_clip))
+    chain.append(makers[optim.optimizer](lr, b1=optim.beta1, b2=optim.beta2, eps=optim.eps))
+    if optim.weight_decay > 0:
+        chain.append(optax.add_decayed_weights(-optim.weight_decay * optim.lr))
+    return optax.chain(*chain)
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation, loss: str,
+               num_ema: int) -> TrainState:
+    copy = lambda p: jax.tree.map(jnp.array, p)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        target_params=copy(params) if loss == "ct" else None,
+        ema_params=tuple(copy(params) for _ in range(num_ema)),
+        opt_state=tx.init(params),
+    )
+
+
+def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
+                    tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
+                    mesh: Mesh, base_key: jax.Array,
+                    device_assign: DeviceAssignFn | None = None):
+    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+
+    `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
+    optionally `label` `[B]`). The state is donated.
+    """
+    def shard_loss(params, target_params, step, batch):
+        x, z = batch["x"], batch["z"]
+        local_b = x.shape[0]
+        shard = jax.lax.axis_index("data")
+        key = jax.random.fold_in(base_key, step)
+        if device_assign is not None:
+            z = device_assign(x, z, jax.random.fold_in(jax.random.fold_in(key, 1), shard))
+        idx = shard * local_b + jnp.arange(local_b)
+        example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
+
+        def loss_fn(p):
+            return consistency.consistency_loss(apply_fn, cfg, p, target_params, x, z, step,
+                                                example_keys, dropout_key, batch.get("label"))
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = jax.lax.pmean(grads, "data")
+        loss = jax.lax.pmean(loss, "data")
+        aux = jax.lax.pmean(aux, "data")
+        return loss, aux, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        batch_specs = {k: P("data") for k in batch}
+        loss, aux, grads = jax.shard_map(
+            shard_loss, mesh=mesh,
+            in_specs=(P(), P(), P(), batch_specs),
+            out_specs=(P(), P(), P()),
+        )(state.params, state.target_params, state.step, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        mu = cfg.target_decay(state.step)
+        target = state.target_params
+        if target is not None:
+            target = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * p, target, params)
+        emas = tuple(
+            jax.tree.map(lambda e, p, r=rate: r * e + (1.0 - r) * p, ema, params)
+            for ema, rate in zip(state.ema_params, ema_rates, strict=True))
+        metrics = {
+            "loss": loss,
+            "distance": aux["distance"],
+            "num_scales": cfg.num_scales(state.step),
+            "mu": mu,
+            "grad_norm": optax.global_norm(grads),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, target_params=target,
+                                  ema_params=emas, opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Places this process's host batch onto the mesh, split along the batch axis."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

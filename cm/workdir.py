@@ -1,0 +1,98 @@
+"""The workdir as the resume key: its saved config and compatibility checks.
+
+`config.json` records the config a run was started with. A new run in a workdir that
+holds a run of a different model shape fails before anything is written.
+"""
+
+import json
+import os
+
+import ml_collections
+
+# Fields that decide the shapes of the saved state: a change means the checkpoints
+# cannot be restored into the new run.
+SHAPE_FIELDS = ("model", "data.image_size", "data.num_channels", "cm.loss",
+                "training.ema_rates", "optim.optimizer", "optim.grad_clip",
+                "optim.weight_decay")
+
+
+class IncompatibleWorkdirError(ValueError):
+    pass
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, "config.json")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was started with."""
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    with open(path) as f:
+        d = json.load(f)
+
+    def tuples(x):
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return tuple(tuples(v) for v in x)
+        return x
+
+    return ml_collections.ConfigDict(tuples(d))
+
+
+def diff(old: dict, new: dict, fields: tuple[str, ...] | None = None) -> list[str]:
+    """Flattened keys whose values differ (restricted to `fields` prefixes if given)."""
+    fo, fn = _flatten(old), _flatten(new)
+    keys = sorted(set(fo) | set(fn))
+    if fields is not None:
+        keys = [k for k in keys if any(k == f or k.startswith(f + ".") for f in fields)]
+    return [k for k in keys if fo.get(k, "<missing>") != fn.get(k, "<missing>")]
+
+
+def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+    """Raises if `workdir` holds a run whose state shapes differ from `config`'s.
+
+    Returns:
+      The other (harmless) fields that differ from the saved config.
+    """
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    new = config_to_dict(config)
+    bad = diff(old, new, SHAPE_FIELDS)
+    if bad:
+        fo, fn = _flatten(old), _flatten(new)
+        lines = [f"  {k}: saved {fo.get(k, '<missing>')!r}, now {fn.get(k, '<missing>')!r}"
+                 for k in bad]
+        raise IncompatibleWorkdirError(
+            f"workdir {workdir!r} holds a run with a different model/state shape; nothing "
+            "was changed there. Use a new --workdir, or the saved config. Differences:\n"
+            + "\n".join(lines))
+    return diff(old, new)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = config_path(workdir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, config_path(workdir))

@@ -1,0 +1,28 @@
+"""CIFAR-10 consistency training (CT), the setting of Song et al. 2023 / the OpenAI JAX code.
+
+NCSN++ (nf 128, ch_mult (2,2,2), 4 res blocks, attention at 16x16, BigGAN blocks, FIR,
+skip rescale, Fourier scale 16, dropout 0), s0 = 2, s1 = 150, mu0 = 0.9, batch 512,
+800k steps, RAdam lr 4e-4 with 1e7/512 warmup steps, no clipping, eval EMA 0.9999.
+Metric: the paper uses LPIPS; until LPIPS exists here this file uses pseudo-Huber
+(the iCT paper's replacement for LPIPS, c = 0.00054 sqrt(3072)).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    config = base.get_config()
+    config.data.name = "cifar10"
+    config.cm.loss = "ct"
+    config.cm.metric = "pseudo_huber"
+    config.cm.start_scales = 2
+    config.cm.end_scales = 150
+    config.cm.start_ema = 0.9
+    config.optim.optimizer = "radam"
+    config.optim.lr = 4e-4
+    config.optim.warmup = 10_000_000 // 512  # 19531 steps
+    config.training.batch_size = 512
+    config.training.n_iters = 800_000
+    config.training.ema_rates = (0.9999,)
+    config.sample.ts = (80.0,)
+    return base.shrink(config) if arg == "smoke" else config

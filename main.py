@@ -1,0 +1,62 @@
+"""Consistency models with immiscible noise assignment: flags and dispatch only.
+
+  python main.py --config configs/quickstart.py --workdir runs/quickstart --mode train
+  python main.py --config configs/cifar10_ct.py --workdir runs/ct --config.assignment.method=linear
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (append :smoke to shrink it).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples. Resumes.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "fid_stats"], "What to do.")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
+    logging.set_stderrthreshold("info")
+
+    import jax
+
+    jax.config.update("jax_threefry_partitionable", True)
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        from cm import train
+
+        if config is None:
+            raise app.UsageError("--config is required for --mode train")
+        train.train(config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+        from cm import sample_run
+
+        sample_run.sample_from_workdir(FLAGS.workdir, config)
+    elif FLAGS.mode == "eval":
+        from evaluation import run as eval_run
+
+        eval_run.evaluate(FLAGS.workdir, config)
+    elif FLAGS.mode == "fid_stats":
+        from evaluation import run as eval_run
+
+        if config is None:
+            raise app.UsageError("--config is required for --mode fid_stats")
+        eval_run.reference_stats(config, FLAGS.workdir)
+
+
+def run():
+    try:
+        app.run(main)
+    except FileNotFoundError as e:  # e.g. a config file that does not exist
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run()

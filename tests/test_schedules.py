@@ -1,0 +1,120 @@
+"""Schedules and parameterisation against the closed forms of REFERENCE.md."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm import consistency, schedules
+
+
+def ct_n(k, K, s0, s1):
+    return math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+
+
+@pytest.mark.parametrize("k", [0, 1, 1000, 123_457, 400_000, 799_999, 800_000])
+def test_ct_num_scales_and_decay(k):
+    n = int(schedules.ct_num_scales(k, 800_000, 2, 150))
+    assert n == ct_n(k, 800_000, 2, 150)
+    mu = float(schedules.ct_ema_decay(n, 2, 0.9))
+    assert mu == pytest.approx(math.exp(2 * math.log(0.9) / n), rel=1e-6)
+
+
+def test_ct_end_points():
+    assert int(schedules.ct_num_scales(0, 100, 2, 150)) == 2
+    assert int(schedules.ct_num_scales(100, 100, 2, 150)) == 151
+
+
+@pytest.mark.parametrize("k", [0, 5, 49_999, 50_000, 57_142, 100_000, 399_999])
+def test_ict_curriculum(k):
+    K, s0, s1 = 400_000, 10, 1280
+    k_prime = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
+    want = min(s0 * 2 ** math.floor(k / k_prime), s1) + 1
+    assert int(schedules.ict_num_scales(k, K, s0, s1)) == want
+
+
+def test_karras_sigmas_ascending_with_end_points():
+    s = np.asarray(schedules.karras_sigmas(18, 0.002, 80.0, 7.0))
+    assert np.all(np.diff(s) > 0)
+    np.testing.assert_allclose([s[0], s[-1]], [0.002, 80.0], rtol=1e-5)
+    i = 7
+    want = (0.002 ** (1 / 7) + i / 17 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert s[i] == pytest.approx(want, rel=1e-5)
+    padded = np.asarray(schedules.karras_sigmas(jnp.int32(18), 0.002, 80.0, 7.0, max_n=30))
+    np.testing.assert_allclose(padded[:18], s, rtol=1e-6)
+    np.testing.assert_allclose(padded[18:], 80.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [11, 161, 1281])
+def test_lognormal_probabilities(n):
+    sig = schedules.karras_sigmas(n, 0.002, 80.0, 7.0, max_n=1281)
+    p = np.asarray(schedules.lognormal_level_probs(sig, n, -1.1, 2.0), np.float64)
+    assert p.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.all(p[: n - 1] > 0) and np.all(p[n - 1:] == 0)
+    s = np.asarray(sig, np.float64)[:n]
+    erf = np.vectorize(math.erf)
+    w = erf((np.log(s[1:]) + 1.1) / (math.sqrt(2) * 2.0)) - erf(
+        (np.log(s[:-1]) + 1.1) / (math.sqrt(2) * 2.0))
+    np.testing.assert_allclose(p[: n - 1], w / w.sum(), rtol=2e-3, atol=1e-7)
+
+
+def test_boundary_condition_exact_at_sigma_min():
+    cfg = consistency.CMConfig()
+
+    def apply_fn(params, x, t, labels, train, key):
+        return 1e3 * jnp.ones_like(x) + params
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
+    out = consistency.consistency_fn(apply_fn, 1.0, x, jnp.full((4,), cfg.sigma_min), cfg)
+    assert np.array_equal(np.asarray(out), np.asarray(x))
+    c_skip, c_out, c_in = consistency.scalings(jnp.array([1.0]), 0.002, 0.5)
+    assert float(c_skip[0]) == pytest.approx(0.25 / (0.998**2 + 0.25), rel=1e-6)
+    assert float(c_out[0]) == pytest.approx(0.998 * 0.5 / math.sqrt(1.25), rel=1e-6)
+    assert float(c_in[0]) == pytest.approx(1 / math.sqrt(1.25), rel=1e-6)
+
+
+def test_distance_metrics():
+    a = jnp.zeros((2, 4, 4, 3))
+    b = jnp.ones((2, 4, 4, 3)) * 0.5
+    np.testing.assert_allclose(consistency.distance(a, b, "l2", -1), 0.25)
+    np.testing.assert_allclose(consistency.distance(a, b, "l1", -1), 0.5)
+    c = 0.00054 * math.sqrt(48)
+    np.testing.assert_allclose(consistency.distance(a, b, "pseudo_huber", -1),
+                               math.sqrt(48 * 0.25 + c * c) - c, rtol=1e-6)
+    with pytest.raises(ValueError, match="metric"):
+        consistency.CMConfig(metric="lpipz")
+
+
+@pytest.mark.parametrize("loss", ["ct", "ict"])
+def test_no_gradient_reaches_target(loss):
+    cfg = consistency.CMConfig(loss=loss, total_steps=100, start_scales=10, end_scales=40)
+    apply_fn = lambda p, x, t, labels, train, key: p["w"] * x + p["b"]
+    params = {"w": jnp.float32(0.3), "b": jnp.float32(0.1)}
+    target = {"w": jnp.float32(-0.2), "b": jnp.float32(0.5)}
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 1))
+    z = jax.random.normal(jax.random.PRNGKey(2), (6, 4, 4, 1))
+    keys = jax.random.split(jax.random.PRNGKey(3), 6)
+
+    def loss_of(p, t):
+        return consistency.consistency_loss(apply_fn, cfg, p, t, x, z, jnp.int32(5), keys,
+                                            jax.random.PRNGKey(4))[0]
+
+    g_target = jax.grad(loss_of, argnums=1)(params, target)
+    assert all(float(v) == 0.0 for v in jax.tree.leaves(g_target))
+    g_params = jax.grad(loss_of)(params, target)
+    assert any(float(v) != 0.0 for v in jax.tree.leaves(g_params))
+
+
+def test_ict_levels_follow_lognormal():
+    cfg = consistency.CMConfig(loss="ict", start_scales=10, end_scales=1280, total_steps=10)
+    keys = jax.random.split(jax.random.PRNGKey(0), 20_000)
+    t_lo, t_hi, w = consistency.sample_levels(cfg, jnp.int32(0), keys)
+    sig = np.asarray(schedules.karras_sigmas(11, 0.002, 80.0, 7.0))
+    n = np.searchsorted(sig, np.asarray(t_lo) * (1 + 1e-6)) - 1
+    freq = np.bincount(n, minlength=10)[:10] / len(n)
+    p = np.asarray(schedules.lognormal_level_probs(jnp.asarray(sig), 11, -1.1, 2.0))
+    np.testing.assert_allclose(freq, p, atol=0.015)
+    np.testing.assert_allclose(np.asarray(w), 1 / (np.asarray(t_hi) - np.asarray(t_lo)),
+                               rtol=1e-5)
