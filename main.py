@@ -24,6 +24,9 @@ def main(argv):
     os.makedirs(FLAGS.workdir, exist_ok=True)
     logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
     logging.set_stderrthreshold("info")
+    from cm import logs
+
+    logs.quiet_libraries()
 
     import jax
 

@@ -72,45 +72,65 @@ def load_npz(path: str) -> np.ndarray:
 
 def _cifar_help(data_dir: str) -> str:
     where = data_dir or "~/tensorflow_datasets"
+    prepare = (f"tfds.builder('cifar10', data_dir='{where}', file_format='array_record')"
+               ".download_and_prepare(")
     return (
-        "CIFAR-10 is not prepared in the tensorflow-datasets data dir "
-        f"{where!r}. On a machine with internet run:\n"
-        f"  python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('cifar10', data_dir='{where}').download_and_prepare()\"\n"
-        "(needs `pip install tensorflow`). On a machine without internet, copy the archive "
-        f"{CIFAR10_ARCHIVE} (170,052,171 bytes, from https://www.cs.toronto.edu/~kriz/) "
-        f"into {where}/downloads/manual/ and run\n"
-        f"  python -c \"import tensorflow_datasets as tfds; "
-        f"tfds.builder('cifar10', data_dir='{where}').download_and_prepare("
-        f"download_config=tfds.download.DownloadConfig(manual_dir='{where}/downloads/manual'))\"\n"
-        "or copy an already prepared cifar10/3.0.2/ folder into that data dir."
+        f"CIFAR-10 is not prepared in the tensorflow-datasets data dir {where!r}.\n"
+        "On a machine with internet (needs `pip install tensorflow` once, for preparing):\n"
+        f"  python -c \"import tensorflow_datasets as tfds; {prepare})\"\n"
+        f"On a machine without internet, copy the archive {CIFAR10_ARCHIVE} (170,052,171 "
+        "bytes, sha256 c4a38c50...a1dd, from https://www.cs.toronto.edu/~kriz/) into "
+        f"{where}/downloads/manual/ and run\n"
+        f"  python -c \"import tensorflow_datasets as tfds; {prepare}download_config="
+        f"tfds.download.DownloadConfig(manual_dir='{where}/downloads/manual'))\"\n"
+        "or copy an already prepared cifar10/3.0.2/ folder (array_record format) into that "
+        "data dir. Set --config.data.data_dir if it is not the default."
     )
 
 
-def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
-    """A prepared TFDS image dataset as uint8 `[N, H, W, C]` (no TensorFlow needed)."""
-    import tensorflow_datasets as tfds
-
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir or None,
-                                  download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
-        raise DatasetError(_cifar_help(data_dir) if name == "cifar10" else
-                           f"dataset {name!r} is not prepared in {data_dir!r}: {e}") from e
+def _read_source(source) -> np.ndarray:
     n = len(source)
     images = None
     chunk = 1000
     for start in range(0, n, chunk):
         idx = list(range(start, min(start + chunk, n)))
-        items = source.__getitems__(idx) if hasattr(source, "__getitems__") else [
-            source[i] for i in idx]
+        try:
+            items = source.__getitems__(idx)
+        except (AttributeError, TypeError):  # e.g. tfds.testing.mock_data's source
+            items = [source[i] for i in idx]
         block = np.stack([np.asarray(it["image"]) for it in items])
         if images is None:
             images = np.empty((n,) + block.shape[1:], np.uint8)
         images[start:start + len(idx)] = block
     if images is None:
-        raise DatasetError(f"dataset {name!r} split {split!r} is empty")
+        raise DatasetError("the dataset split is empty")
     return images
+
+
+def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
+    """A prepared TFDS image dataset as uint8 `[N, H, W, C]`.
+
+    Reads the ArrayRecord files with `tfds.data_source` (no TensorFlow needed); a
+    dataset prepared in the TFRecord format is read with `tfds.load` if TensorFlow is
+    installed.
+    """
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                  download=False)
+        return _read_source(source)
+    except Exception as first:  # tfds raises several types for "not prepared"
+        try:
+            arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir or None,
+                                             batch_size=-1, download=False))
+            return np.asarray(arrays["image"], np.uint8)
+        except Exception:
+            pass
+        help_text = (_cifar_help(data_dir) if name == "cifar10" else
+                     f"dataset {name!r} split {split!r} is not prepared in "
+                     f"{data_dir or '~/tensorflow_datasets'!r}")
+        raise DatasetError(f"{help_text}\n(tfds said: {str(first).splitlines()[0]})") from first
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,7 @@ ahead of the device; the device path leaves the host batch alone and returns a
 jittable function that the train step applies to each device's shard.
 """
 
-import functools
-
+import jax
 import ml_collections
 
 import assignment
@@ -37,14 +36,15 @@ def make_input(config: ml_collections.ConfigDict, batcher: data.Batcher, start_s
                num_local_devices: int) -> assignment.Pipeline:
     """The iterator of host batches from `start_step`, as a context manager.
 
-    Each item is a dict with `x`, `z` (assigned on the host path) and `diagnostics`
-    (scalars: image-noise distance before and after assignment).
+    Each item is a dict with `x`, `z` (assigned on the host path) and the scalar
+    diagnostics `assignment/...` (see `assignment.split_diagnostics`).
     """
     a = config.assignment
     method = a.method if a.where == "host" else "none"
     batch_fn = assignment.make_batch_fn(
         method, scope=a.scope, num_shards=num_local_devices, cost=a.cost, dtype=a.dtype,
-        scale=a.scale, k=a.k, solver=a.solver, seed=config.training.seed)
+        scale=a.scale, k=a.k, solver=a.solver, seed=config.training.seed,
+        process_index=jax.process_index())
     return assignment.Pipeline(batcher(start_step), batch_fn, start_step=start_step,
                                prefetch=a.prefetch)
 
@@ -53,5 +53,8 @@ def device_assign_fn(a: ml_collections.ConfigDict):
     """`fn(x, z, key) -> z` for the in-step path, or None on the host path."""
     if a.where != "device" or a.method == "none":
         return None
-    return functools.partial(assignment.assign_jax, method=a.method, cost=a.cost,
-                             dtype=a.dtype, scale=a.scale, k=a.k)
+    def assign(x, z, key):
+        return assignment.device_assign(x, z, a.method, key=key, k=a.k, cost=a.cost,
+                                        dtype=a.dtype, scale=a.scale)
+
+    return assign

@@ -1,10 +1,25 @@
 """Metric sinks: a log line, `metrics.jsonl` and TensorBoard event files."""
 
 import json
+import logging as logging_std
 import math
 import os
 
 from absl import logging
+
+
+class _DropLibraryChatter(logging_std.Filter):
+    """Keeps orbax's per-save INFO chatter out of the run log (warnings still pass)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        noisy = "orbax" in record.pathname or "tensorflow_datasets" in record.pathname
+        return not (noisy and record.levelno < logging_std.WARNING)
+
+
+def quiet_libraries() -> None:
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropLibraryChatter) for f in handler.filters):
+        handler.addFilter(_DropLibraryChatter())
 
 
 class MetricWriter:

@@ -15,8 +15,18 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm import checkpoints, consistency, data, logs, model, sampling, train_step, workdir
-from cm import input_pipeline
+import assignment
+from cm import (
+    checkpoints,
+    consistency,
+    data,
+    input_pipeline,
+    logs,
+    model,
+    sampling,
+    train_step,
+    workdir,
+)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -91,8 +101,16 @@ def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str:
     return path
 
 
-def train(config: ml_collections.ConfigDict, run_dir: str) -> dict:
-    """Trains (or resumes) the run in `run_dir`; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None = None,
+          ) -> dict:
+    """Trains (or resumes) the run in `run_dir`; returns the last logged metrics.
+
+    Args:
+      config: the run's config (`training.n_iters` sets the curricula's length).
+      run_dir: the workdir; a checkpoint there means continue.
+      stop_after: stop (with a checkpoint) after this step, as a preemption would;
+        resuming later continues exactly as the uninterrupted run.
+    """
     validate(config)
     is_main = jax.process_index() == 0
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
@@ -128,6 +146,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str) -> dict:
 
     last = {}
     pending: list[tuple[int, jax.Array]] = []
+    window_losses: list[jax.Array] = []
     last_good = start
 
     def check_losses():
@@ -141,57 +160,64 @@ def train(config: ml_collections.ConfigDict, run_dir: str) -> dict:
         pending = []
         return values
 
-    with input_pipeline.make_input(config, batcher, start, jax.local_device_count()) as inputs:
-        t_log, waited_log = time.perf_counter(), 0.0
-        diag_acc: dict[str, list[float]] = {}
-        step = prev_log = start
-        while step < t.n_iters:
-            t0 = time.perf_counter()
-            host = next(inputs)
-            waited_log += time.perf_counter() - t0
-            for k, v in host.pop("diagnostics", {}).items():
-                diag_acc.setdefault(k, []).append(float(v))
-            state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh))
-            step += 1
-            pending.append((step, metrics["loss"]))
+    try:
+        with input_pipeline.make_input(config, batcher, start, jax.local_device_count()) as inputs:
+            t_log, waited_log = time.perf_counter(), 0.0
+            diag_acc: dict[str, list[float]] = {}
+            step = prev_log = start
+            end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
+            while step < end:
+                t0 = time.perf_counter()
+                host, diagnostics = assignment.split_diagnostics(next(inputs))
+                waited_log += time.perf_counter() - t0
+                for k, v in diagnostics.items():
+                    diag_acc.setdefault(k, []).append(float(v))
+                state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh))
+                step += 1
+                pending.append((step, metrics["loss"]))
+                window_losses.append(metrics["loss"])
 
-            if step % t.log_every == 0 or step == t.n_iters:
-                losses = check_losses()
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                m["loss"] = float(np.mean(losses)) if len(losses) else m["loss"]
-                m["loss_last"] = float(jax.device_get(metrics["loss"]))
-                wall = time.perf_counter() - t_log
-                m["steps_per_sec"] = (step - prev_log) / wall
-                m["images_per_sec"] = m["steps_per_sec"] * t.batch_size
-                m["input_wait_fraction"] = waited_log / wall
-                for k, v in diag_acc.items():
-                    m[k] = float(np.mean(v))
-                eta = (t.n_iters - step) / max(m["steps_per_sec"], 1e-9)
-                if is_main:
-                    extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diag_acc))
-                    logging.info(
-                        "step %d/%d loss=%.5g N=%d mu=%.5f %.1f img/s wait=%.1f%%%s left=%s",
-                        step, t.n_iters, m["loss"], m["num_scales"], m["mu"],
-                        m["images_per_sec"], 100 * m["input_wait_fraction"], extra,
-                        logs.format_duration(eta))
-                    writer.write(step, m)
-                last = {"step": step, **m}
-                t_log, waited_log, diag_acc = time.perf_counter(), 0.0, {}
-                prev_log = step
+                if step % t.log_every == 0 or step == t.n_iters:
+                    check_losses()
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    window = jax.device_get(window_losses)
+                    # `loss` is this step's loss (reproducible across resumes); `loss_avg`
+                    # averages the steps since the previous log line (or the resume).
+                    m["loss_avg"] = float(np.mean(window))
+                    window_losses = []
+                    wall = time.perf_counter() - t_log
+                    m["steps_per_sec"] = (step - prev_log) / wall
+                    m["images_per_sec"] = m["steps_per_sec"] * t.batch_size
+                    m["input_wait_fraction"] = waited_log / wall
+                    for k, v in diag_acc.items():
+                        m[k] = float(np.mean(v))
+                    eta = (t.n_iters - step) / max(m["steps_per_sec"], 1e-9)
+                    if is_main:
+                        extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diag_acc))
+                        logging.info(
+                            "step %d/%d loss=%.5g N=%d mu=%.5f %.1f img/s wait=%.1f%%%s left=%s",
+                            step, t.n_iters, m["loss"], m["num_scales"], m["mu"],
+                            m["images_per_sec"], 100 * m["input_wait_fraction"], extra,
+                            logs.format_duration(eta))
+                        writer.write(step, m)
+                    last = {"step": step, **m}
+                    t_log, waited_log, diag_acc = time.perf_counter(), 0.0, {}
+                    prev_log = step
 
-            final = step == t.n_iters
-            due = (t.snapshot_every and step % t.snapshot_every == 0) or (
-                t.resume_every and step % t.resume_every == 0)
-            if due or final:
-                check_losses()  # never checkpoint a state that saw a NaN
-                if ckpt.save(step, state, force=final):
-                    last_good = step
-            if is_main and ((t.sample_every and step % t.sample_every == 0) or final):
-                ema = state.ema_params[config.sample.ema_index]
-                path = _write_grid(setup, ema, step, run_dir)
-                logging.info("sample grid: %s", path)
-    ckpt.wait()
-    ckpt.close()
-    if writer is not None:
-        writer.close()
+                final = step == end
+                due = (t.snapshot_every and step % t.snapshot_every == 0) or (
+                    t.resume_every and step % t.resume_every == 0)
+                if due or final:
+                    check_losses()  # never checkpoint a state that saw a NaN
+                    if ckpt.save(step, state, force=final):
+                        last_good = step
+                if is_main and ((t.sample_every and step % t.sample_every == 0) or final):
+                    ema = state.ema_params[config.sample.ema_index]
+                    path = _write_grid(setup, ema, step, run_dir)
+                    logging.info("sample grid: %s", path)
+    finally:
+        ckpt.wait()  # a failed run still finishes writing its last good checkpoint
+        ckpt.close()
+        if writer is not None:
+            writer.close()
     return last

@@ -6,3 +6,14 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# The end-to-end tests build the same small programs many times (each train() call
+# makes new jitted closures); a persistent compilation cache compiles each once.
+jax.config.update(
+    "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "immiscible_cm_test_jax_cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,152 @@
+"""End to end: training, checkpoints, resume, sample grids, multi-device equivalence."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from cm import checkpoints, consistency, data, model, sample_run, train, train_step, workdir
+from tests.helpers import tiny_config
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_params(run_dir, config):
+    setup = train.Setup(config)
+    ckpt = checkpoints.Checkpointer(run_dir)
+    state = ckpt.restore(setup.abstract_state())
+    ckpt.close()
+    return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("full"))
+    config = tiny_config(**{"training.sample_every": 3})
+    train.train(config, run_dir)
+    return run_dir, config
+
+
+def test_train_writes_checkpoints_grids_and_metrics(uninterrupted):
+    run_dir, config = uninterrupted
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "num_scales", "mu", "images_per_sec", "input_wait_fraction"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert sorted(os.listdir(os.path.join(run_dir, "samples"))) == [
+        "step_00000003.png",
+        "step_00000006.png",
+    ]
+    assert checkpoints.Checkpointer(run_dir).snapshot_steps() == [3, 6]
+    assert os.listdir(os.path.join(run_dir, "tensorboard"))
+    saved = workdir.load_config(run_dir)
+    assert saved.model.ch_mult == (1, 2) and saved.training.n_iters == 6
+
+
+def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
+    full_dir, config = uninterrupted
+    run_dir = str(tmp_path / "resumed")
+    config = tiny_config(**{"training.sample_every": 3})
+    train.train(config, run_dir, stop_after=4)  # interrupted after step 4
+    assert checkpoints.Checkpointer(run_dir).latest_step() == 4
+    train.train(config, run_dir)  # resumes at 4
+    full, resumed = read_metrics(full_dir), read_metrics(run_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in full]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    a, b = final_params(full_dir, config), final_params(run_dir, config)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_sample_mode_writes_npz_and_grid(uninterrupted):
+    run_dir, _ = uninterrupted
+    config = workdir.load_config(run_dir)
+    config.sample.n = 10
+    config.sample.ts = (80.0, 0.821)
+    path = sample_run.sample_from_workdir(run_dir, config)
+    with np.load(path) as f:
+        images = f["images"]
+    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+    assert os.path.exists(path.replace(".npz", ".png"))
+
+
+def test_train_on_mock_cifar10(tmp_path):
+    config = tiny_config(
+        **{
+            "data.name": "cifar10",
+            "data.image_size": 32,
+            "data.num_channels": 3,
+            "data.random_flip": True,
+            "training.n_iters": 2,
+            "training.snapshot_every": 2,
+        }
+    )
+    config.model.attn_resolutions = (16,)
+    with tfds.testing.mock_data(num_examples=24):
+        train.train(config, str(tmp_path))
+    assert checkpoints.Checkpointer(str(tmp_path)).snapshot_steps() == [2]
+    assert os.path.exists(tmp_path / "samples" / "step_00000002.png")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(
+        **{"optim.lr": 1e38, "optim.warmup": 0, "training.snapshot_every": 1, "training.n_iters": 5}
+    )
+    with pytest.raises(FloatingPointError, match=r"at step \d"):
+        train.train(config, str(tmp_path))
+    steps = checkpoints.Checkpointer(str(tmp_path)).snapshot_steps()
+    assert steps, "the last good checkpoint must stay"
+    state = final_params(str(tmp_path), config)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def test_incompatible_workdir_fails_without_touching_it(uninterrupted):
+    run_dir, _ = uninterrupted
+    before = open(os.path.join(run_dir, "config.json")).read()
+    config = tiny_config(**{"model.nf": 16})
+    with pytest.raises(workdir.IncompatibleWorkdirError, match="model.nf"):
+        train.train(config, run_dir)
+    assert open(os.path.join(run_dir, "config.json")).read() == before
+
+
+def test_missing_cifar10_says_how_to_prepare(tmp_path):
+    config = tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path)})
+    with pytest.raises(data.DatasetError, match="manual"):
+        train.train(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+@pytest.mark.parametrize("loss", ["ct", "ict"])
+def test_eight_devices_match_one_device(loss):
+    assert jax.device_count() == 8, "tests run with 8 simulated CPU devices (conftest)"
+    config = tiny_config(**{"cm.loss": loss})
+    config.cm.start_scales, config.cm.end_scales = 10, 40
+    cm_cfg = consistency.CMConfig.from_config(config)
+    module = model.build_model(config)
+    apply_fn = model.make_apply_fn(module)
+    tx = train_step.make_optimizer(config.optim)
+    params = model.init_params(module, jax.random.PRNGKey(0), config)
+    images = data.load_digits(8)
+    batch = data.Batcher(images, 16, seed=0, random_flip=False).batch(3)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = train_step.make_mesh(devices)
+        state = train_step.init_state(jax.tree.map(np.array, params), tx, loss, 1)
+        state = jax.device_put(
+            state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        )
+        step = train_step.make_train_step(
+            apply_fn, cm_cfg, tx, (0.99,), mesh, jax.random.PRNGKey(1)
+        )
+        new_state, metrics = step(state, train_step.shard_batch(batch, mesh))
+        results.append((jax.device_get(new_state.params), float(metrics["loss"])))
+    (p1, l1), (p8, l8) = results
+    assert l1 == pytest.approx(l8, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
