@@ -1,0 +1,232 @@
+"""Finding, checking and loading pytorch-fid's Inception weights, without PyTorch.
+
+The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (release
+"fid_weights"; the name carries the first 8 hex digits of the file's sha256, torch hub's
+convention). They are read either from the path in `config.eval.inception_path`, or from
+the cache directory, where a missing file is downloaded once and its hash checked.
+
+The `.pth` is read directly by `evaluation.pth_reader` (no torch). `.npz` files written by
+`python -m evaluation.convert_weights` (same tensors and names, plus a manifest with the
+source hash and a digest of the content) are accepted as well.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from evaluation import inception, pth_reader
+
+FID_WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_SHA256_PREFIX = "6726825d"
+DEFAULT_CACHE_DIR = "~/.cache/immiscible_cm"
+
+NPZ_FORMAT = "immiscible_cm/inception_state_dict/v1"
+_MANIFEST_KEY = "__manifest__"
+
+
+class WeightsError(RuntimeError):
+    """The Inception weights are missing, corrupt, or not pytorch-fid's."""
+
+
+def _where_to_get(target: Path | None = None) -> str:
+    put = f"put it at {target}" if target else "put it in the cache directory"
+    return (
+        f"Get {FID_WEIGHTS_NAME} (pytorch-fid's release 'fid_weights': {FID_WEIGHTS_URL}) and "
+        f"{put}, or point --config.eval.inception_path at it (the .pth, or an .npz made from "
+        "it by `python -m evaluation.convert_weights --pth FILE --out FILE.npz`)."
+    )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_digest(state_dict: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, dtypes, shapes and bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        a = np.ascontiguousarray(state_dict[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def download_weights(
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    url: str = FID_WEIGHTS_URL,
+    name: str = FID_WEIGHTS_NAME,
+    sha256_prefix: str | None = FID_WEIGHTS_SHA256_PREFIX,
+) -> Path:
+    """The cached weights file, downloaded first if absent; its hash is checked each time.
+
+    The download goes to a temporary file in the cache directory and is renamed only
+    once its hash is right, so an interrupted download never leaves a bad file behind.
+
+    Raises:
+      WeightsError: no network, or the file (downloaded or cached) has the wrong hash.
+    """
+    target = Path(cache_dir).expanduser() / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=name + ".", suffix=".part")
+        try:
+            h = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                for block in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(block)
+                    h.update(block)
+            if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
+                raise WeightsError(
+                    f"downloaded {url} but its sha256 {h.hexdigest()[:16]}... does not start "
+                    f"with {sha256_prefix}. {_where_to_get(target)}"
+                )
+            os.replace(tmp, target)
+        except (urllib.error.URLError, OSError) as e:
+            raise WeightsError(f"could not download {url} ({e}). {_where_to_get(target)}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    _check_hash(target, sha256_prefix)
+    return target
+
+
+def _check_hash(path: Path, sha256_prefix: str | None) -> None:
+    if sha256_prefix and not sha256_file(path).startswith(sha256_prefix):
+        raise WeightsError(
+            f"{path} is corrupt or not pytorch-fid's weights: its sha256 does not start with "
+            f"{sha256_prefix}. Delete it. {_where_to_get(path)}"
+        )
+
+
+def write_npz(
+    path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], source_sha256: str
+) -> str:
+    """Writes a state dict and its manifest to `path` (.npz); returns the file's sha256."""
+    arrays = {k: np.asarray(v) for k, v in state_dict.items()}
+    manifest = {
+        "format": NPZ_FORMAT,
+        "source": FID_WEIGHTS_NAME,
+        "source_sha256": source_sha256,
+        "content_sha256": content_digest(arrays),
+        "num_tensors": len(arrays),
+    }
+    with open(path, "wb") as f:
+        np.savez(f, **arrays, **{_MANIFEST_KEY: np.array(json.dumps(manifest))})
+    return sha256_file(path)
+
+
+def _read_npz(path: Path, sha256_prefix: str | None) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # zip / npy errors of every kind mean the same here
+        raise WeightsError(
+            f"cannot read {path} ({type(e).__name__}: {e}). {_where_to_get()}"
+        ) from e
+    if _MANIFEST_KEY not in arrays:
+        raise WeightsError(
+            f"{path} has no manifest: it was not written by evaluation.convert_weights. "
+            + _where_to_get()
+        )
+    manifest = json.loads(str(arrays.pop(_MANIFEST_KEY)))
+    if manifest.get("format") != NPZ_FORMAT:
+        raise WeightsError(f"{path}: unknown format {manifest.get('format')!r}")
+    if content_digest(arrays) != manifest.get("content_sha256"):
+        raise WeightsError(f"{path} is corrupt (content digest mismatch). {_where_to_get()}")
+    if sha256_prefix and not str(manifest.get("source_sha256", "")).startswith(sha256_prefix):
+        raise WeightsError(
+            f"{path} was converted from a file whose sha256 does not start with "
+            f"{sha256_prefix}: not pytorch-fid's weights. {_where_to_get()}"
+        )
+    return arrays
+
+
+def read_weights(
+    path: str | os.PathLike, sha256_prefix: str | None = FID_WEIGHTS_SHA256_PREFIX
+) -> dict[str, np.ndarray]:
+    """The state dict (torch names -> numpy) of a checked `.pth` or converted `.npz` file.
+
+    Args:
+      path: the weights file.
+      sha256_prefix: what the `.pth`'s sha256 (or, for an `.npz`, its source's) must start
+        with; None skips the check (other weights, tests).
+
+    Raises:
+      WeightsError: missing, corrupt, or not the expected weights; says where to get them.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"Inception weights not found at {path}. {_where_to_get(path)}")
+    if path.suffix == ".npz":
+        return _read_npz(path, sha256_prefix)
+    _check_hash(path, sha256_prefix)
+    try:
+        return pth_reader.read_state_dict(str(path))
+    except pth_reader.PthFormatError as e:
+        raise WeightsError(f"cannot read {path}: {e}. {_where_to_get(path)}") from e
+
+
+def resolve_path(inception_path: str = "", cache_dir: str = DEFAULT_CACHE_DIR) -> Path:
+    """`inception_path` if given, else the weights file's place in `cache_dir`."""
+    if inception_path:
+        return Path(inception_path).expanduser()
+    return Path(cache_dir).expanduser() / FID_WEIGHTS_NAME
+
+
+def load_inception_variables(
+    inception_path: str = "",
+    cache_dir: str = DEFAULT_CACHE_DIR,
+    download: bool = True,
+    sha256_prefix: str | None = FID_WEIGHTS_SHA256_PREFIX,
+) -> inception.Variables:
+    """Flax variables of the FID Inception, from `config.eval.inception_path` or the cache.
+
+    Converted once per process (cached by path, size and modification time).
+
+    Args:
+      inception_path: a `.pth` or converted `.npz`; '' uses `cache_dir`.
+      cache_dir: where the downloaded `.pth` lives.
+      download: fetch the `.pth` into `cache_dir` when missing there.
+      sha256_prefix: expected hash prefix (see `read_weights`).
+
+    Raises:
+      WeightsError: as `read_weights`, or when the download fails.
+    """
+    path = resolve_path(inception_path, cache_dir)
+    if not inception_path and download and not path.exists():
+        download_weights(cache_dir, sha256_prefix=sha256_prefix)
+    if not path.is_file():
+        raise WeightsError(f"Inception weights not found at {path}. {_where_to_get(path)}")
+    stat = path.stat()
+    return _load_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, sha256_prefix)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(
+    path: str, size: int, mtime_ns: int, sha256_prefix: str | None
+) -> inception.Variables:
+    del size, mtime_ns  # only part of the cache key
+    state_dict = read_weights(path, sha256_prefix)
+    try:
+        return inception.params_from_torch(state_dict)
+    except (KeyError, ValueError) as e:
+        raise WeightsError(f"{path} is not the FID Inception's state dict: {e}") from e
