@@ -54,11 +54,23 @@ def main(argv):
         eval_run.reference_stats(config, FLAGS.workdir)
 
 
-def run():
+def _check_flags(argv: list[str]) -> None:
+    """Parses the flags and loads the config up front, so that a mistyped field or a
+    missing config file is one clear line, before anything is written."""
     try:
-        app.run(main)
-    except FileNotFoundError as e:  # e.g. a config file that does not exist
+        FLAGS(argv)
+        if FLAGS.config is not None:
+            _ = FLAGS.config.data  # a config file that failed to load raises on first use
+    except flags.Error as e:
         sys.exit(f"error: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        sys.exit(f"error in --config or its overrides: {msg}")
+
+
+def run():
+    _check_flags(sys.argv)
+    app.run(main)
 
 
 if __name__ == "__main__":

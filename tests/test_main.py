@@ -1,0 +1,38 @@
+"""main.py fails at once, with one clear line and nothing written, on bad flags."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/quickstart.py", "--config.optim.lrr=1"], 'Did you mean "lr"'),
+    (["--config", "configs/does_not_exist.py"], "No such file"),
+    (["--config", "configs/quickstart.py", "--config.optim.lr=abc"], "could not convert"),
+])
+def test_bad_config_fails_before_writing(tmp_path, args, message):
+    workdir = tmp_path / "run"
+    result = run_main(*args, "--workdir", str(workdir))
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_smoke_config_loads_for_every_experiment():
+    from configs import cifar10_ct, cifar10_ict, quickstart
+
+    for module in (cifar10_ct, cifar10_ict, quickstart):
+        full, smoke = module.get_config(), module.get_config("smoke")
+        assert smoke.training.n_iters < full.training.n_iters
+        assert smoke.model.nf < full.model.nf or full.model.nf <= 16
