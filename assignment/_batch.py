@@ -1,0 +1,118 @@
+"""The host pipeline's per-batch function: assign each batch's noise, add diagnostics.
+
+`make_batch_fn(...)` turns the `assignment` section of a config into a function
+`fn(batch, step) -> batch` for `Pipeline`. A batch is a dict holding images and
+noise (keys "x" and "z" by default) and anything else (labels, ...), which passes
+through untouched: only the noise is re-paired, so every other key stays paired
+with its image.
+"""
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from assignment import _cost, _diagnostics, _methods
+
+BatchFn = Callable[[Mapping[str, Any], int], dict[str, Any]]
+SCOPES = ("device", "host")
+_KNN_STREAM = 0x6B6E6E  # "knn": keeps knn's draws apart from any other (seed, step) stream.
+
+
+def knn_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generator:
+    """The generator of knn's fresh draws at `step`: a function of its arguments only."""
+    return np.random.default_rng([_KNN_STREAM, seed, process_index, step])
+
+
+def make_batch_fn(
+    method: str = "none",
+    scope: str = "device",
+    num_shards: int = 1,
+    *,
+    cost: str = "l2",
+    dtype: Any = "float32",
+    scale: float = 1.0,
+    k: int = 4,
+    solver: str = "auto",
+    seed: int = 0,
+    process_index: int = 0,
+    x_key: str = "x",
+    z_key: str = "z",
+) -> BatchFn:
+    """Builds the host pipeline's per-batch assignment function.
+
+    Every option is checked here, whatever the method, so that a bad config fails
+    at start-up rather than at the first batch.
+
+    Args:
+        method: a key of `METHODS` ("none", "linear", "knn").
+        scope: "device": the batch's leading axis is split into `num_shards`
+            contiguous equal shards (one per device, as the trainer shards it) and
+            each is assigned on its own; "host": the whole batch at once. knn works
+            row by row, so scope does not change what it does.
+        num_shards: shards for scope "device".
+        cost: see `cost_matrix`.
+        dtype: see `cost_matrix`.
+        scale: see `cost_matrix`.
+        k: knn candidates per image.
+        solver: exact solver for "linear" ("auto" or a key of `SOLVERS`).
+        seed: with `step` and `process_index`, determines knn's draws (`knn_rng`), so
+            a resumed run replays the same noise.
+        process_index: this host's index in a multi-host run.
+        x_key: the batch key of the images, `[B, ...]`.
+        z_key: the batch key of the noise, `[B, ...]`.
+
+    Returns:
+        `fn(batch, step)`, returning a new dict: `batch` with `z_key` replaced by the
+        assigned noise and the float diagnostics `DIAGNOSTIC_KEYS` added
+        ("assignment/distance_before", "assignment/distance_after",
+        "assignment/reduction", "assignment/seconds"; see `split_diagnostics`).
+
+    Raises:
+        ValueError: unknown method or scope, bad option value.
+
+    Example:
+        >>> import numpy as np
+        >>> from assignment import make_batch_fn
+        >>> fn = make_batch_fn("linear", scope="device", num_shards=2)
+        >>> rng = np.random.default_rng(0)
+        >>> batch = {"x": rng.normal(size=(8, 3)), "z": rng.normal(size=(8, 3)),
+        ...          "label": np.arange(8)}
+        >>> out = fn(batch, step=0)
+        >>> bool(out["assignment/reduction"] > 0), bool((out["label"] == batch["label"]).all())
+        (True, True)
+    """
+    fn = _methods.lookup(_methods.METHODS, method)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown assignment scope {scope!r}; expected one of {SCOPES}")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int | np.integer):
+        raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+    given = {"cost": cost, "dtype": dtype, "scale": scale, "k": k, "solver": solver}
+    checked = {name: _methods.OPTION_CHECKS[name](value) for name, value in given.items()}
+    options = {n: v for n, v in checked.items() if n in _methods.option_names(fn)}
+    permute = _methods.PERMUTATIONS.get(method)
+    if permute is not None:  # Row-wise methods (knn) are the same in either scope.
+        options["shards"] = int(num_shards) if scope == "device" else 1
+
+    def batch_fn(batch: Mapping[str, Any], step: int) -> dict[str, Any]:
+        for key in (x_key, z_key):
+            if key not in batch:
+                raise ValueError(f"batch has no {key!r} key; it has {sorted(batch)}")
+        x, z = _cost.check_pair(batch[x_key], batch[z_key])
+        start = time.perf_counter()
+        if permute is not None:
+            z_new = z[permute(x, z, **options)]
+        else:
+            z_new = fn(x, z, rng=knn_rng(seed, step, process_index), **options)
+        seconds = time.perf_counter() - start
+        out = dict(batch)
+        out[z_key] = z_new
+        stats = _diagnostics.distance_stats(x, z, z_new)
+        stats["seconds"] = seconds
+        out.update({_diagnostics.PREFIX + name: value for name, value in stats.items()})
+        return out
+
+    return batch_fn
