@@ -2,6 +2,9 @@
 
   python main.py --config configs/quickstart.py --workdir runs/quickstart --mode train
   python main.py --config configs/cifar10_ct.py --workdir runs/ct --config.assignment.method=linear
+
+Several hosts: start one process per host (Slurm's srun, mpirun and TPU pod slices are
+detected; see the README), or pass --coordinator_address, --num_processes, --process_id.
 """
 
 import os
@@ -14,16 +17,52 @@ config_flags.DEFINE_config_file("config", None, "Config file (append :smoke to s
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, samples. Resumes.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "fid_stats"], "What to do.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Multi-host start: auto = when the flags below or a cluster launcher "
+                  "(Slurm, Open MPI, TPU worker list) say so; on = always "
+                  "jax.distributed.initialize() (e.g. TPU pod slices); off = one process.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_integer("initialization_timeout", 300,
+                     "Seconds to wait for all processes to connect before failing.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from cm import data, workdir
+
+    return (FileNotFoundError, data.DatasetError, workdir.IncompatibleWorkdirError,
+            FloatingPointError)
+
+
 def main(argv):
+    try:
+        dispatch(argv)
+    except _user_errors() as e:  # expected failures: one clear message, no traceback
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+def dispatch(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
-    logging.set_stderrthreshold("info")
+    from cm import distributed  # before anything else touches JAX's devices
+
+    try:
+        distributed.initialize(distributed.DistributedConfig(
+            mode=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+            timeout_s=FLAGS.initialization_timeout))
+    except (ValueError, distributed.DistributedInitError) as e:
+        sys.exit(f"error: {e}")
+    if distributed.is_main():  # the other processes only log warnings, to stderr
+        os.makedirs(FLAGS.workdir, exist_ok=True)
+        logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
+        logging.set_stderrthreshold("info")
+    else:
+        logging.set_verbosity("warning")
     from cm import logs
 
     logs.quiet_libraries()
@@ -54,11 +93,11 @@ def main(argv):
         eval_run.reference_stats(config, FLAGS.workdir)
 
 
-def _check_flags(argv: list[str]) -> None:
+def _check_flags(argv: list[str]) -> list[str]:
     """Parses the flags and loads the config up front, so that a mistyped field or a
     missing config file is one clear line, before anything is written."""
     try:
-        FLAGS(argv)
+        rest = FLAGS(argv)
         if FLAGS.config is not None:
             _ = FLAGS.config.data  # a config file that failed to load raises on first use
     except flags.Error as e:
@@ -66,11 +105,12 @@ def _check_flags(argv: list[str]) -> None:
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
         sys.exit(f"error in --config or its overrides: {msg}")
+    return rest
 
 
 def run():
-    _check_flags(sys.argv)
-    app.run(main)
+    rest = _check_flags(sys.argv)
+    app.run(main, flags_parser=lambda _: rest)  # parsed once, above
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     ev.inception_path = ""  # local pt_inception-2015-12-05 weights (.pth or converted .npz)
     ev.stats_path = ""  # reference statistics (.npz); '' = cache dir default
     ev.cache_dir = "~/.cache/immiscible_cm"
+    ev.features = "auto"  # inception | pixels | auto (pixels for digits and 1-channel data)
 
     return config
 

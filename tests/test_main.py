@@ -36,3 +36,10 @@ def test_smoke_config_loads_for_every_experiment():
         full, smoke = module.get_config(), module.get_config("smoke")
         assert smoke.training.n_iters < full.training.n_iters
         assert smoke.model.nf < full.model.nf or full.model.nf <= 16
+
+
+def test_overrides_reach_the_mode(tmp_path):
+    result = run_main("--config", "configs/quickstart.py", "--config.sample.n=3",
+                      "--mode", "sample", "--workdir", str(tmp_path))
+    assert "defined twice" not in result.stderr
+    assert "no checkpoint" in result.stderr

@@ -1,0 +1,339 @@
+"""`--mode eval` and `--mode fid_stats`: FID / IS of a run's checkpoints, in resumable rounds.
+
+For each chosen checkpoint and sampler, `eval.n_samples` images are drawn in rounds of
+`eval.batch_size` with noise keys fixed by (seed, step, sampler, round); each finished
+round updates a progress file in `<workdir>/eval/`, so an interrupted evaluation resumes
+at the next round and ends with exactly the numbers of an uninterrupted one. Results go
+to `<workdir>/eval.jsonl`, one row per checkpoint and sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from cm import checkpoints, data, train, workdir
+from evaluation import features as features_lib
+from evaluation import fid
+from evaluation.progress import (
+    EVAL_DIR,
+    RESULTS,
+    Progress,
+    append_row,
+    progress_dirs,
+    read_results,
+    row_key,
+)
+
+__all__ = ["EVAL_DIR", "RESULTS", "EvalConfig", "SAMPLERS", "evaluate", "progress_dirs",
+           "read_results", "reference_stats", "round_features", "round_key", "select_steps"]
+
+IS_SPLITS = 10
+_EVAL_TAG = 0x6576616C  # separates the evaluation noise from the training run's sample keys
+
+# Sampler name -> its descending times, from (sigma_max, eval.two_step_t).
+SAMPLERS: dict[str, Callable[[float, float], tuple[float, ...]]] = {
+    "1step": lambda sigma_max, t: (sigma_max,),
+    "2step": lambda sigma_max, t: (sigma_max, t),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The `eval` config section (see configs/base.py)."""
+
+    n_samples: int = 50_000
+    batch_size: int = 500
+    samplers: tuple[str, ...] = ("1step", "2step")
+    two_step_t: float = 0.821
+    steps: str = ""
+    inception_path: str = ""
+    stats_path: str = ""
+    cache_dir: str = "~/.cache/immiscible_cm"
+    features: str = "auto"
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> EvalConfig:
+        ev = config.eval
+        kw = {f.name: ev.get(f.name, f.default) for f in dataclasses.fields(cls)}
+        kw["samplers"] = tuple(kw["samplers"])
+        kw["steps"] = str(kw["steps"])  # '--config.eval.steps=1000' may arrive as an int
+        return cls(**kw)
+
+    def validate(self) -> None:
+        if self.n_samples < 2:
+            raise ValueError(f"eval.n_samples must be >= 2 (a covariance), got {self.n_samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be positive, got {self.batch_size}")
+        bad = [s for s in self.samplers if s not in SAMPLERS]
+        if bad or not self.samplers:
+            raise ValueError(f"eval.samplers {self.samplers}: expected names from "
+                             f"{sorted(SAMPLERS)}")
+
+    def feature_options(self, batch_size: int | None = None) -> features_lib.Options:
+        """Extractor options; `batch_size` (images per forward pass) defaults to eval's."""
+        return features_lib.Options(self.inception_path, self.cache_dir,
+                                    batch_size or self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------
+# Which checkpoints.
+
+_RANGE = re.compile(r"^(\d+)-(\d+)$")
+
+
+def select_steps(spec: str, snapshots: Sequence[int], available: Sequence[int]) -> list[int]:
+    """The checkpoint steps chosen by `eval.steps`, ascending.
+
+    `spec` is '' (every kept snapshot) or a comma-separated list of items: 'latest' (the
+    newest checkpoint, snapshot or resume), 'N' (the checkpoint of step N), 'N-M' (the
+    snapshots with N <= step <= M, at least one). E.g. '1000', '1000-5000',
+    '1000,3000-9000,latest'.
+
+    Args:
+      spec: the `eval.steps` string.
+      snapshots: steps of the kept snapshots.
+      available: every restorable step (snapshots and the resume checkpoint).
+
+    Raises:
+      ValueError: a malformed item, a step that has no checkpoint, or an empty choice.
+    """
+    snapshots, available = sorted(set(snapshots)), sorted(set(available) | set(snapshots))
+    spec = str(spec).strip()
+    if not spec:
+        if not snapshots:
+            raise ValueError(f"no snapshots to evaluate (checkpoints: {available}); "
+                             "set eval.steps, e.g. 'latest'")
+        return snapshots
+    chosen: set[int] = set()
+    for item in (s.strip() for s in spec.split(",")):
+        if item == "latest":
+            if not available:
+                raise ValueError("eval.steps='latest' but there is no checkpoint")
+            chosen.add(available[-1])
+        elif item.isdigit():
+            if int(item) not in available:
+                raise ValueError(f"eval.steps: no checkpoint at step {item}; there are "
+                                 f"{available}")
+            chosen.add(int(item))
+        elif m := _RANGE.match(item):
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ValueError(f"eval.steps: empty range {item!r} (start > end)")
+            inside = [s for s in snapshots if lo <= s <= hi]
+            if not inside:
+                raise ValueError(f"eval.steps: no snapshot in {item!r}; snapshots: {snapshots}")
+            chosen.update(inside)
+        else:
+            raise ValueError(f"eval.steps={spec!r}: bad item {item!r}; expected '', 'latest', "
+                             "'N', 'N-M' or a comma-separated list of these")
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------------------
+# Rounds: noise keys, sampling, features.
+
+
+def round_key(base: jax.Array, step: int, sampler: str, round_index: int) -> jax.Array:
+    """The noise key of one round: a function of (base key, step, sampler name, round)."""
+    key = jax.random.fold_in(base, _EVAL_TAG)
+    key = jax.random.fold_in(key, step)
+    key = jax.random.fold_in(key, zlib.crc32(sampler.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, round_index)
+
+
+def _host_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch sharded over the ('data',) mesh, in global order."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _gather(a: np.ndarray | None) -> np.ndarray | None:
+    """Concatenates every process's rows (process order = row order of the mesh)."""
+    if a is None or jax.process_count() == 1:
+        return a
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+
+def round_features(sampler: Callable, params, key: jax.Array, batch: int, count: int,
+                   features: features_lib.Features) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draws `batch` images and returns the features (and logits) of the first `count`."""
+    images = sampler(params, key, batch)  # uint8 [batch, H, W, C], sharded over 'data'
+    feats, logits = features.extract(_host_rows(images))
+    feats, logits = _gather(feats), _gather(logits)
+    return feats[:count], (None if logits is None else logits[:count])
+
+
+# ----------------------------------------------------------------------------------------
+# The modes.
+
+
+def _eval_settings(saved: ml_collections.ConfigDict,
+                   config: ml_collections.ConfigDict | None) -> EvalConfig:
+    """The saved run's `eval` section, replaced by `config.eval` when a config is given.
+
+    Everything else (data, model, seed, `sample.ema_index`) always comes from the
+    saved config: it describes the checkpoints. Other differences are logged.
+    """
+    if config is None:
+        return EvalConfig.from_config(saved)
+    old, new = workdir.config_to_dict(saved), workdir.config_to_dict(config)
+    old.pop("eval", None)
+    new.pop("eval", None)
+    ignored = workdir.diff(old, new)
+    if ignored:
+        logging.warning("--mode eval uses only the eval section of the given config; the "
+                        "saved run's values stand for: %s", ", ".join(ignored))
+    return EvalConfig.from_config(config)
+
+
+def reference_stats(config: ml_collections.ConfigDict, run_dir: str | None = None) -> str:
+    """`--mode fid_stats`: computes (or finds) the reference statistics of the data split.
+
+    The statistics of `data.split` of the configured dataset, with the features of
+    `eval.features`, go to `eval.stats_path` or the cache default (see
+    `features.reference_path`); an existing file is reused.
+
+    Args:
+      config: a run config (its `data` and `eval` sections are used).
+      run_dir: the workdir of the command (holds only its log).
+
+    Returns:
+      The path of the statistics file.
+    """
+    del run_dir  # main writes its log there; the statistics are shared across runs
+    ev = EvalConfig.from_config(config)
+    data_cfg = data.DataConfig.from_config(config)
+    feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options())
+    path = features_lib.reference_path(data_cfg, feats.kind, ev.stats_path, ev.cache_dir)
+    ref = features_lib.ensure_reference(data_cfg, feats, path, chunk=max(ev.batch_size, 1000))
+    logging.info("reference statistics of %s/%s: %d images, %s features, in %s",
+                 data_cfg.name, data_cfg.split, ref.n or -1, feats.kind, path)
+    return path
+
+
+def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
+             max_rounds: int | None = None) -> list[dict]:
+    """`--mode eval`: FID (or `fd_pixels`) and IS of the run's checkpoints, one row each.
+
+    Reads the config saved in `run_dir`; a given `config` contributes only its `eval`
+    section (see `_eval_settings`). For each step of `eval.steps` and each sampler of
+    `eval.samplers`, draws `eval.n_samples` images with the EMA parameters
+    `sample.ema_index`, in rounds of `eval.batch_size` (rounded up to a multiple of the
+    device count), and appends a row to `<run_dir>/eval.jsonl`:
+    `{"step", "sampler", "ts", "n", "metric", <metric>: distance, "is", "is_std"}` with
+    metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
+    already there (same step, sampler, times, n and metric) are not recomputed.
+
+    Args:
+      run_dir: a training workdir.
+      config: optional config whose `eval` section replaces the saved one.
+      max_rounds: stop after computing this many rounds in this call, as an
+        interruption would (tests, time-limited jobs); the next call resumes.
+
+    Returns:
+      The rows of the chosen (step, sampler) pairs that are complete, in order.
+    """
+    saved = workdir.load_config(run_dir)
+    ev = _eval_settings(saved, config)
+    ev.validate()
+    data_cfg = data.DataConfig.from_config(saved)
+    ckpt = checkpoints.Checkpointer(run_dir)
+    try:
+        if ckpt.latest_step() is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir}: train first")
+        steps = select_steps(ev.steps, ckpt.snapshot_steps(),
+                             list(ckpt.snapshots.all_steps()) + list(ckpt.resume.all_steps()))
+        setup = train.Setup(saved)
+        batch = setup.round_batch(ev.batch_size)
+        feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options(batch))
+        ref_path = features_lib.reference_path(data_cfg, feats.kind, ev.stats_path,
+                                               ev.cache_dir)
+        ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
+                                            chunk=max(ev.batch_size, 1000))
+        ts_of = {s: tuple(float(t) for t in SAMPLERS[s](setup.cm.sigma_max, ev.two_step_t))
+                 for s in ev.samplers}
+        samplers = {s: setup.sampler(ts) for s, ts in ts_of.items()}
+        done = {row_key(r): r for r in read_results(run_dir)}
+        budget = [math.inf if max_rounds is None else max_rounds]
+        rows: list[dict] = []
+        logging.info("evaluating steps %s with samplers %s: %d samples in rounds of %d, "
+                     "%s features vs %s", steps, list(ev.samplers), ev.n_samples, batch,
+                     feats.kind, ref_path)
+        for step in steps:
+            keys = {s: (step, s, ev.n_samples, feats.metric, ts_of[s]) for s in ev.samplers}
+            todo = [s for s in ev.samplers if keys[s] not in done]
+            params = None
+            if todo:
+                state = ckpt.restore(setup.abstract_state(), step)
+                params = state.ema_params[saved.sample.ema_index]
+            for s in ev.samplers:
+                if s not in todo:
+                    rows.append(done[keys[s]])
+                    continue
+                spec = {"step": step, "sampler": s, "ts": list(ts_of[s]), "n": ev.n_samples,
+                        "batch": batch, "seed": int(saved.training.seed),
+                        "ema_index": int(saved.sample.ema_index), "features": feats.kind}
+                progress = Progress(os.path.join(run_dir, EVAL_DIR),
+                                    f"step{step:08d}_{s}_{feats.metric}", spec, feats.dim,
+                                    batch, ev.n_samples)
+                row = _evaluate_one(progress, samplers[s], params, setup.sample_key, feats,
+                                    ref, budget)
+                if row is None:
+                    logging.info("stopped after max_rounds=%s; run again to continue",
+                                 max_rounds)
+                    return rows
+                append_row(run_dir, row)
+                progress.remove()
+                done[keys[s]] = row
+                rows.append(row)
+                logging.info("step %d %s: %s=%.4f IS=%s", step, s, feats.metric,
+                             row[feats.metric], row["is"])
+        return rows
+    finally:
+        ckpt.close()
+
+
+def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.Array,
+                  feats: features_lib.Features, ref: fid.FeatureStats, budget: list[float],
+                  ) -> dict | None:
+    """Finishes the rounds of one (step, sampler); its row, or None if out of budget."""
+    spec = progress.spec
+    stats, start = progress.load()
+    if start:
+        logging.info("step %d %s: resuming at round %d/%d", spec["step"], spec["sampler"],
+                     start, progress.n_rounds)
+    t0 = time.perf_counter()
+    for r in range(start, progress.n_rounds):
+        if budget[0] <= 0:
+            return None
+        key = round_key(base_key, spec["step"], spec["sampler"], r)
+        count = min(progress.batch, progress.n - r * progress.batch)
+        f, logits = round_features(sampler, params, key, progress.batch, count, feats)
+        stats.update(f)
+        progress.save(r, stats, logits)
+        budget[0] -= 1
+        logging.info("step %d %s: round %d/%d, %d samples, %.1f samples/s", spec["step"],
+                     spec["sampler"], r + 1, progress.n_rounds, stats.n,
+                     (stats.n - start * progress.batch) / (time.perf_counter() - t0))
+    value = fid.frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+    is_mean = is_std = None
+    logits = progress.logits()
+    if logits is not None:
+        is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
+    return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
+            "n": spec["n"], "metric": feats.metric, feats.metric: value, "is": is_mean,
+            "is_std": is_std}
