@@ -89,7 +89,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="quickstart,cifar")
     parser.add_argument("--methods", default="none,linear,knn,knn@device")
-    parser.add_argument("--cifar-batch", type=int, default=512)
+    parser.add_argument("--cifar-batch", type=int, default=128)  # 512 on an accelerator
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3)
     args = parser.parse_args()
