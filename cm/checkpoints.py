@@ -3,6 +3,11 @@
 Two orbax `CheckpointManager`s: `checkpoints/` keeps the last `keep` snapshots (the
 ones evaluation reads), `resume/` keeps only the latest frequent checkpoint. Restoring
 takes whichever of the two is newer, so the workdir is the resume key.
+
+Multi-host: every process calls `save`, `restore` and `latest_step` (orbax syncs
+them; process 0 writes the metadata, each array shard is written once), so the
+workdir must be on a filesystem that all hosts share (NFS, Lustre, a Filestore or
+GCS FUSE mount on TPU VMs).
 """
 
 import os

@@ -2,7 +2,9 @@
 
 Host: deterministic batches and noise (`cm.data.Batcher`), paired by the assignment
 stage in a background thread. Device: the jitted step of `cm.train_step`. The workdir
-is the resume key: a checkpoint there means continue.
+is the resume key: a checkpoint there means continue. With several processes, every
+process runs this loop on its slice of each global batch and takes part in
+checkpoints and sample grids; only process 0 writes config, metrics and images.
 """
 
 import os
@@ -20,6 +22,7 @@ from cm import (
     checkpoints,
     consistency,
     data,
+    distributed,
     input_pipeline,
     logs,
     model,
@@ -77,10 +80,14 @@ class Setup:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
 
     def init_state(self):
-        params = model.init_params(self.module, self.init_key, self.config)
-        state = train_step.init_state(params, self.tx, self.cm.loss,
-                                      len(self.config.training.ema_rates))
-        return jax.device_put(state, self.replicated)
+        """The initial state, replicated over the mesh (identical on every process)."""
+        def make():
+            params = model.init_params(self.module, self.init_key, self.config)
+            return train_step.init_state(params, self.tx, self.cm.loss,
+                                         len(self.config.training.ema_rates))
+
+        # One compiled program instead of one small compile per initializer.
+        return jax.jit(make, out_shardings=self.replicated)()
 
     def sampler(self, ts):
         return sampling.make_sampler(self.apply_fn, self.cm, self.mesh, self.image_shape, ts)
@@ -90,10 +97,20 @@ class Setup:
         return -(-n // d) * d
 
 
-def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str:
+def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
+    """Samples a grid; every process computes its shard, process 0 writes the PNG.
+
+    The sampler is sharded over the mesh of all processes, so every process must call
+    this (a jitted collective run by process 0 alone would wait forever).
+
+    Returns:
+      The PNG's path on process 0, None elsewhere.
+    """
     n = setup.round_batch(setup.config.training.n_grid)
     sampler = setup.sampler((setup.cm.sigma_max,))
-    images = np.asarray(jax.device_get(sampler(params, setup.sample_key, n)))
+    images = distributed.to_host(sampler(params, setup.sample_key, n))  # [n, H, W, C] uint8
+    if not distributed.is_main():
+        return None
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     path = os.path.join(run_dir, "samples", f"step_{step:08d}.png")
     upscale = max(1, 64 // setup.image_shape[0])
@@ -112,7 +129,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         resuming later continues exactly as the uninterrupted run.
     """
     validate(config)
-    is_main = jax.process_index() == 0
+    is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
     images = data.load_images(data.DataConfig.from_config(config))
     setup = Setup(config)
@@ -140,9 +157,10 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         device_assign=input_pipeline.device_assign_fn(config.assignment))
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip)
-    logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices",
-                 config.data.name, len(images), images.shape[1:], t.batch_size,
-                 jax.device_count())
+    logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
+                 "(%d processes, %d rows here)", config.data.name, len(images),
+                 images.shape[1:], t.batch_size, jax.device_count(), jax.process_count(),
+                 batcher.host_batch)
 
     last = {}
     pending: list[tuple[int, jax.Array]] = []
@@ -189,8 +207,10 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                     m["steps_per_sec"] = (step - prev_log) / wall
                     m["images_per_sec"] = m["steps_per_sec"] * t.batch_size
                     m["input_wait_fraction"] = waited_log / wall
-                    for k, v in diag_acc.items():
-                        m[k] = float(np.mean(v))
+                    # Assignment runs per host: its diagnostics are averaged over hosts
+                    # (mean distances exactly; a ratio like `reduction` as a mean of ratios).
+                    m.update(distributed.mean_over_processes(
+                        {k: float(np.mean(v)) for k, v in diag_acc.items()}))
                     eta = (t.n_iters - step) / max(m["steps_per_sec"], 1e-9)
                     if is_main:
                         extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diag_acc))
@@ -211,10 +231,11 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                     check_losses()  # never checkpoint a state that saw a NaN
                     if ckpt.save(step, state, force=final):
                         last_good = step
-                if is_main and ((t.sample_every and step % t.sample_every == 0) or final):
+                if (t.sample_every and step % t.sample_every == 0) or final:
                     ema = state.ema_params[config.sample.ema_index]
-                    path = _write_grid(setup, ema, step, run_dir)
-                    logging.info("sample grid: %s", path)
+                    path = _write_grid(setup, ema, step, run_dir)  # all processes
+                    if path is not None:
+                        logging.info("sample grid: %s", path)
     finally:
         ckpt.wait()  # a failed run still finishes writing its last good checkpoint
         ckpt.close()

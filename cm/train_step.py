@@ -34,8 +34,15 @@ class TrainState:
     opt_state: PyTree
 
 
-def make_mesh(devices=None) -> Mesh:
-    devices = jax.devices() if devices is None else devices
+def make_mesh(devices: list | None = None) -> Mesh:
+    """The 1-D ('data',) mesh over `devices` (default: every device of every process).
+
+    Devices are grouped by process (stable within a process), so that each process's
+    devices hold one contiguous block of the global batch: the rows its `Batcher`
+    slice and `shard_batch` put there.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    devices = sorted(devices, key=lambda d: d.process_index)
     return Mesh(devices, ("data",))
 
 
@@ -132,6 +139,11 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Places this process's host batch onto the mesh, split along the batch axis."""
+    """Places this process's host batch onto the mesh, split along the batch axis.
+
+    With several processes, each passes its own `[B_host, ...]` rows; the result is
+    the global `[B_host * process_count, ...]` array, process p's rows at
+    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process).
+    """
     sharding = NamedSharding(mesh, P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
