@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cm import checkpoints, sampling, train, workdir
+from cm import checkpoints, distributed, sampling, train, workdir
 
 
 def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None = None,
@@ -34,15 +34,18 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
     bs = setup.round_batch(config.sample.batch_size)
     chunks, key = [], jax.random.fold_in(setup.sample_key, step)
     for i in range(-(-config.sample.n // bs)):
-        chunks.append(np.asarray(jax.device_get(sampler(params, jax.random.fold_in(key, i), bs))))
+        # to_host is a collective across processes: every process samples and gathers.
+        chunks.append(distributed.to_host(sampler(params, jax.random.fold_in(key, i), bs)))
     images = np.concatenate(chunks)[: config.sample.n]
+    ckpt.close()
     out_dir = os.path.join(run_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
     name = f"sample_step{step:08d}_{len(ts)}step"
     path = os.path.join(out_dir, name + ".npz")
+    if not distributed.is_main():  # only process 0 writes
+        return path
     np.savez_compressed(path, images=images, ts=np.asarray(ts), step=step)
     sampling.save_grid(images[:64], os.path.join(out_dir, name + ".png"),
                        upscale=max(1, 64 // images.shape[1]))
-    ckpt.close()
     logging.info("wrote %d samples to %s", len(images), path)
     return path
