@@ -9,7 +9,7 @@ jitted train step) and times steady-state steps. Methods are measured in interle
 windows (none, linear, knn, none, linear, ...) so that load on a shared machine hits
 every method alike; the reported figure is the median window. The "CIFAR-shaped"
 config is 3x32x32 images (random uint8, CIFAR-10 cannot be downloaded here) through a
-small NCSN++, at the paper's batch of 512 by default.
+small NCSN++ (`cifar`) or the real CIFAR-10 CT network (`cifar10_ct`, for accelerators).
 """
 
 import argparse
@@ -24,13 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import assignment  # noqa: E402
 from cm import data, input_pipeline, train, train_step  # noqa: E402
-from configs import base, quickstart  # noqa: E402
+from configs import base, cifar10_ct, quickstart  # noqa: E402
 
 
-def cifar_shaped(batch: int):
-    config = base.shrink(base.get_config())
+def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32"):
+    """3x32x32 images; the small smoke network, or the real CIFAR-10 CT one (`full`)."""
+    config = cifar10_ct.get_config() if full else base.shrink(base.get_config())
     config.data.name = "npz"  # images are supplied directly below
     config.training.batch_size = batch
+    config.model.dtype = dtype
     return config
 
 
@@ -92,6 +94,7 @@ def main():
     parser.add_argument("--cifar-batch", type=int, default=128)  # 512 on an accelerator
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="model.dtype: float32 | bfloat16")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if methods[0] != "none":
@@ -104,12 +107,12 @@ def main():
         if name == "quickstart":
             config = quickstart.get_config()
             images = data.load_images(data.DataConfig.from_config(config))
-        elif name == "cifar":
-            config = cifar_shaped(args.cifar_batch)
+        elif name in ("cifar", "cifar10_ct"):
+            config = cifar_shaped(args.cifar_batch, full=name == "cifar10_ct", dtype=args.dtype)
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
         else:
-            raise SystemExit(f"unknown config {name!r}: quickstart | cifar")
+            raise SystemExit(f"unknown config {name!r}: quickstart | cifar | cifar10_ct")
         bench_config(name, config, images, methods, args.steps, args.windows)
 
 
