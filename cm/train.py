@@ -68,6 +68,7 @@ class Setup:
         key = jax.random.PRNGKey(config.training.seed)
         self.init_key, self.step_key, self.sample_key = jax.random.split(key, 3)
         self.replicated = NamedSharding(self.mesh, P())
+        self._samplers: dict[tuple[float, ...], object] = {}
 
     def abstract_state(self):
         def make():
@@ -90,7 +91,12 @@ class Setup:
         return jax.jit(make, out_shardings=self.replicated)()
 
     def sampler(self, ts):
-        return sampling.make_sampler(self.apply_fn, self.cm, self.mesh, self.image_shape, ts)
+        """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid)."""
+        ts = tuple(float(t) for t in ts)
+        if ts not in self._samplers:
+            self._samplers[ts] = sampling.make_sampler(self.apply_fn, self.cm, self.mesh,
+                                                       self.image_shape, ts)
+        return self._samplers[ts]
 
     def round_batch(self, n: int) -> int:
         d = jax.device_count()

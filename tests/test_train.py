@@ -150,3 +150,9 @@ def test_eight_devices_match_one_device(loss):
     assert l1 == pytest.approx(l8, rel=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_grid_sampler_is_built_once_per_times():
+    setup = train.Setup(tiny_config())
+    assert setup.sampler((80.0,)) is setup.sampler([80])
+    assert setup.sampler((80.0, 0.821)) is not setup.sampler((80.0,))
