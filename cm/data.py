@@ -50,6 +50,11 @@ def load_digits_labels() -> np.ndarray:
 
 def load_npz(path: str) -> np.ndarray:
     """Images from a user's `.npz` (array `images` or `x`), uint8 NHWC or NHW."""
+    return load_npz_with_labels(path)[0]
+
+
+def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`)."""
     if not os.path.exists(path):
         raise DatasetError(f"data.path {path!r} does not exist")
     with np.load(path) as f:
@@ -58,6 +63,10 @@ def load_npz(path: str) -> np.ndarray:
             raise DatasetError(f"{path}: expected an array named 'images' or 'x', found "
                                f"{sorted(f.keys())}")
         images = f[keys[0]]
+        label_keys = [k for k in ("labels", "y") if k in f]
+        labels = np.asarray(f[label_keys[0]]).astype(np.int32) if label_keys else None
+    if labels is not None and labels.shape != (len(images),):
+        raise DatasetError(f"{path}: labels must be [N] = [{len(images)}], got {labels.shape}")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -67,7 +76,7 @@ def load_npz(path: str) -> np.ndarray:
         if images.min() < 0 or images.max() > 255:
             raise DatasetError(f"{path}: non-uint8 images must lie in [0, 255]")
         images = images.astype(np.uint8)
-    return images
+    return images, labels
 
 
 def _cifar_help(data_dir: str) -> str:
@@ -88,9 +97,11 @@ def _cifar_help(data_dir: str) -> str:
     )
 
 
-def _read_source(source) -> np.ndarray:
+def _read_source(source) -> tuple[np.ndarray, np.ndarray | None]:
     n = len(source)
     images = None
+    labels = np.zeros(n, np.int32)
+    has_labels = True
     chunk = 1000
     for start in range(0, n, chunk):
         idx = list(range(start, min(start + chunk, n)))
@@ -102,13 +113,22 @@ def _read_source(source) -> np.ndarray:
         if images is None:
             images = np.empty((n,) + block.shape[1:], np.uint8)
         images[start:start + len(idx)] = block
+        has_labels = has_labels and all("label" in it for it in items)
+        if has_labels:
+            labels[start:start + len(idx)] = [int(it["label"]) for it in items]
     if images is None:
         raise DatasetError("the dataset split is empty")
-    return images
+    return images, (labels if has_labels else None)
 
 
 def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
-    """A prepared TFDS image dataset as uint8 `[N, H, W, C]`.
+    """A prepared TFDS image dataset as uint8 `[N, H, W, C]` (see `load_tfds_with_labels`)."""
+    return load_tfds_with_labels(name, split, data_dir)[0]
+
+
+def load_tfds_with_labels(name: str, split: str, data_dir: str = "",
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A prepared TFDS image dataset as uint8 `[N, H, W, C]` and its int labels, if any.
 
     Reads the ArrayRecord files with `tfds.data_source` (no TensorFlow needed); a
     dataset prepared in the TFRecord format is read with `tfds.load` if TensorFlow is
@@ -124,7 +144,9 @@ def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
         try:
             arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir or None,
                                              batch_size=-1, download=False))
-            return np.asarray(arrays["image"], np.uint8)
+            labels = arrays.get("label")
+            return (np.asarray(arrays["image"], np.uint8),
+                    None if labels is None else np.asarray(labels, np.int32))
         except Exception:
             pass
         help_text = (_cifar_help(data_dir) if name == "cifar10" else
@@ -151,18 +173,34 @@ class DataConfig:
                    random_flip=d.random_flip)
 
 
-LOADERS: dict[str, Callable[[DataConfig], np.ndarray]] = {
-    "cifar10": lambda c: load_tfds("cifar10", c.split, c.data_dir),
-    "digits": lambda c: load_digits(c.image_size),
-    "npz": lambda c: load_npz(c.path),
+def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+    from cm import image_folder  # imports DatasetError from here
+
+    return image_folder.load_folder(cfg.path, cfg.image_size, cfg.num_channels)
+
+
+def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+    return load_digits(cfg.image_size), load_digits_labels()
+
+
+# Each loader returns (uint8 images [N, H, W, C], int32 labels [N] or None).
+LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
+    "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
+    "digits": load_digits_with_labels,
+    "npz": lambda c: load_npz_with_labels(c.path),
+    "folder": lambda c: _load_folder(c),
 }
 
 
-def load_images(cfg: DataConfig) -> np.ndarray:
-    """Loads the configured dataset and checks it against the configured shape."""
+def load_dataset(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loads the configured dataset, checked against the configured shape.
+
+    Returns:
+      uint8 images `[N, S, S, C]` and int32 labels `[N]` (None if the dataset has none).
+    """
     if cfg.name not in LOADERS:
         raise DatasetError(f"unknown data.name {cfg.name!r}; expected one of {sorted(LOADERS)}")
-    images = LOADERS[cfg.name](cfg)
+    images, labels = LOADERS[cfg.name](cfg)
     if images.shape[0] == 0:
         raise DatasetError(f"dataset {cfg.name!r} has no images")
     if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
@@ -170,7 +208,12 @@ def load_images(cfg: DataConfig) -> np.ndarray:
     if images.shape[-1] != cfg.num_channels:
         raise DatasetError(f"dataset {cfg.name!r} has {images.shape[-1]} channels but "
                            f"data.num_channels={cfg.num_channels}")
-    return images
+    return images, labels
+
+
+def load_images(cfg: DataConfig) -> np.ndarray:
+    """The images of `load_dataset`."""
+    return load_dataset(cfg)[0]
 
 
 NOISE_BLOCK = 16  # global rows per noise generator (see `Batcher.noise`)
@@ -190,13 +233,17 @@ class Batcher:
     """
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, random_flip: bool = True):
+                 process_index: int = 0, process_count: int = 1, random_flip: bool = True,
+                 labels: np.ndarray | None = None):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images")
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by the "
                              f"{process_count} processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.images = images  # uint8 [N, H, W, C]
+        self.labels = None if labels is None else np.asarray(labels, np.int32)  # [N]
         self.global_batch = global_batch
         self.host_batch = global_batch // process_count
         self.seed = seed
@@ -265,14 +312,17 @@ class Batcher:
         return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Host batch: images `x` float32 in [-1, 1] and noise `z`, both `[B_host,H,W,C]`."""
+        """Host batch: images `x` float32 in [-1, 1] and noise `z`, both `[B_host,H,W,C]`,
+        and `label` int32 `[B_host]` when the dataset has labels."""
         idx = self.indices(step)
         x = self.images[idx].astype(np.float32) / 127.5 - 1.0
         if self.random_flip:
             flip = self.flips(step)
             x[flip] = x[flip, :, ::-1]
         z = self.noise(step, x.shape[1:])
-        return {"x": x, "z": z}
+        if self.labels is None:
+            return {"x": x, "z": z}
+        return {"x": x, "z": z, "label": self.labels[idx]}  # labels stay with their images
 
     def __call__(self, start_step: int):
         """Iterates batches from `start_step` on."""

@@ -10,6 +10,19 @@ from absl import logging
 from cm import checkpoints, distributed, sampling, train, workdir
 
 
+def _labels(config: ml_collections.ConfigDict, n: int) -> np.ndarray | None:
+    """`sample.label` >= 0: that class; -1: a class grid (cycling through the classes)."""
+    num_classes = config.model.num_classes
+    if num_classes <= 0:
+        return None
+    if config.sample.label >= num_classes:
+        raise ValueError(f"sample.label={config.sample.label} but there are {num_classes} "
+                         "classes")
+    if config.sample.label >= 0:
+        return np.full((n,), config.sample.label, np.int32)
+    return sampling.class_grid_labels(n, num_classes)
+
+
 def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None = None,
                         ) -> str:
     """Samples `sample.n` images with times `sample.ts` from checkpoint `sample.step`.
@@ -35,7 +48,8 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
     chunks, key = [], jax.random.fold_in(setup.sample_key, step)
     for i in range(-(-config.sample.n // bs)):
         # to_host is a collective across processes: every process samples and gathers.
-        chunks.append(distributed.to_host(sampler(params, jax.random.fold_in(key, i), bs)))
+        chunks.append(distributed.to_host(sampler(params, jax.random.fold_in(key, i), bs,
+                                                  _labels(config, bs))))
     images = np.concatenate(chunks)[: config.sample.n]
     ckpt.close()
     out_dir = os.path.join(run_dir, "samples")

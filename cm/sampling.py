@@ -37,20 +37,37 @@ def sample(apply_fn: consistency.ApplyFn, params, cfg: consistency.CMConfig,
 
 
 def make_sampler(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, mesh: Mesh,
-                 image_shape: tuple[int, int, int], ts: Sequence[float]):
-    """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh."""
+                 image_shape: tuple[int, int, int], ts: Sequence[float], num_classes: int = 0):
+    """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh.
+
+    For a class-conditional model (`num_classes > 0`) `labels` `[B]` picks the classes;
+    without it the classes are drawn uniformly from `key` (what class-conditional FID
+    against the whole training set needs).
+    """
     out_sharding = NamedSharding(mesh, P("data"))
     ts = tuple(float(t) for t in ts)
 
     @functools.partial(jax.jit, static_argnums=(2,), out_shardings=out_sharding)
     def _run(params, key, batch_size, labels):
+        if num_classes > 0 and labels is None:
+            key, label_key = jax.random.split(key)
+            labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
         x = sample(apply_fn, params, cfg, key, (batch_size,) + image_shape, ts, labels)
         return jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
 
     def sampler(params, key, batch_size: int, labels=None):
+        if labels is not None:
+            if num_classes <= 0:
+                raise ValueError("labels given to an unconditional model")
+            labels = jnp.asarray(labels, jnp.int32)
         return _run(params, key, batch_size, labels)
 
     return sampler
+
+
+def class_grid_labels(n: int, num_classes: int) -> np.ndarray:
+    """Labels `[n]` cycling through the classes, so a grid's columns are classes."""
+    return np.arange(n, dtype=np.int32) % num_classes
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -53,6 +53,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     input_pipeline.check_assignment_config(config.assignment)
 
 
+def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
+                 ) -> np.ndarray | None:
+    """The labels a class-conditional run trains on (None for an unconditional run)."""
+    num_classes = config.model.num_classes
+    if num_classes <= 0:
+        return None
+    if labels is None:
+        raise data.DatasetError(f"model.num_classes={num_classes} but dataset "
+                                f"{config.data.name!r} has no labels")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise data.DatasetError(f"labels span [{labels.min()}, {labels.max()}] but "
+                                f"model.num_classes={num_classes}")
+    return labels
+
+
 class Setup:
     """Everything the train and sample modes build from a config."""
 
@@ -95,7 +110,8 @@ class Setup:
         ts = tuple(float(t) for t in ts)
         if ts not in self._samplers:
             self._samplers[ts] = sampling.make_sampler(self.apply_fn, self.cm, self.mesh,
-                                                       self.image_shape, ts)
+                                                       self.image_shape, ts,
+                                                       self.config.model.num_classes)
         return self._samplers[ts]
 
     def round_batch(self, n: int) -> int:
@@ -114,7 +130,9 @@ def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
     """
     n = setup.round_batch(setup.config.training.n_grid)
     sampler = setup.sampler((setup.cm.sigma_max,))
-    images = distributed.to_host(sampler(params, setup.sample_key, n))  # [n, H, W, C] uint8
+    num_classes = setup.config.model.num_classes
+    labels = sampling.class_grid_labels(n, num_classes) if num_classes > 0 else None
+    images = distributed.to_host(sampler(params, setup.sample_key, n, labels))  # [n,H,W,C]
     if not distributed.is_main():
         return None
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
@@ -137,7 +155,8 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     validate(config)
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
-    images = data.load_images(data.DataConfig.from_config(config))
+    images, labels = data.load_dataset(data.DataConfig.from_config(config))
+    labels = check_labels(config, labels)
     setup = Setup(config)
     t = config.training
 
@@ -162,7 +181,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
         device_assign=input_pipeline.device_assign_fn(config.assignment))
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
-                           jax.process_count(), config.data.random_flip)
+                           jax.process_count(), config.data.random_flip, labels=labels)
     logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
                  "(%d processes, %d rows here)", config.data.name, len(images),
                  images.shape[1:], t.batch_size, jax.device_count(), jax.process_count(),

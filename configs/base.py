@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
     sample.n = 64
     sample.batch_size = 256
     sample.step = -1  # checkpoint step; -1 = latest
+    sample.label = -1  # class-conditional models: a class, or -1 for a class grid
 
     # Evaluation (FID / IS, see evaluation/).
     ev = config.eval = ml_collections.ConfigDict()

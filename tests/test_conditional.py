@@ -1,0 +1,100 @@
+"""Labels through batching, assignment and training; the image-folder loader."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import assignment
+from cm import data, image_folder, sample_run, train, workdir
+from tests.helpers import tiny_config
+
+
+def test_batcher_keeps_labels_with_images():
+    images = data.load_digits(8)
+    labels = data.load_digits_labels()
+    batcher = data.Batcher(images, 32, seed=3, random_flip=False, labels=labels)
+    for step in (0, 7, 60):  # 60 crosses an epoch boundary (1797 / 32)
+        batch = batcher.batch(step)
+        idx = batcher.indices(step)
+        np.testing.assert_array_equal(batch["label"], labels[idx])
+        np.testing.assert_array_equal(batch["x"], images[idx].astype(np.float32) / 127.5 - 1)
+
+
+@pytest.mark.parametrize("method", ["none", "linear", "knn"])
+@pytest.mark.parametrize("scope", ["device", "host"])
+def test_assignment_never_separates_image_and_label(method, scope):
+    images = data.load_digits(8)
+    labels = data.load_digits_labels()
+    batch = data.Batcher(images, 16, seed=0, labels=labels, random_flip=False).batch(2)
+    fn = assignment.make_batch_fn(method, scope=scope, num_shards=4, seed=0)
+    out, _ = assignment.split_diagnostics(fn(dict(batch), 2))
+    np.testing.assert_array_equal(out["x"], batch["x"])
+    np.testing.assert_array_equal(out["label"], batch["label"])
+    if method != "knn":  # the noise is permuted, never the images or labels
+        rows = {r.tobytes() for r in batch["z"]}
+        assert {r.tobytes() for r in out["z"]} == rows
+
+
+def test_class_conditional_training_and_class_grid(tmp_path):
+    config = tiny_config(**{"model.num_classes": 10, "training.n_iters": 2,
+                            "training.snapshot_every": 2, "training.n_grid": 10})
+    train.train(config, str(tmp_path))
+    assert os.path.exists(tmp_path / "samples" / "step_00000002.png")
+    config = workdir.load_config(str(tmp_path))
+    config.sample.n, config.sample.label = 8, 3
+    path = sample_run.sample_from_workdir(str(tmp_path), config)
+    with np.load(path) as f:
+        assert f["images"].shape == (8, 8, 8, 1)
+    config.sample.label = 10
+    with pytest.raises(ValueError, match="10 classes"):
+        sample_run.sample_from_workdir(str(tmp_path), config)
+
+
+def test_conditional_model_needs_labels(tmp_path):
+    path = tmp_path / "unlabelled.npz"
+    np.savez(path, images=np.zeros((20, 8, 8, 1), np.uint8))
+    config = tiny_config(**{"model.num_classes": 10, "data.name": "npz",
+                            "data.path": str(path)})
+    with pytest.raises(data.DatasetError, match="has no labels"):
+        train.train(config, str(tmp_path / "run"))
+
+
+def _write_folder(root):
+    rng = np.random.default_rng(0)
+    for cls, size in (("cat", (40, 30)), ("dog", (24, 36))):
+        os.makedirs(root / cls)
+        for i in range(3):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "dog" / "broken.png").write_bytes(b"not an image at all")
+
+
+def test_image_folder_loader_skips_corrupt_files_and_labels_by_subfolder(tmp_path):
+    _write_folder(tmp_path)
+    images, labels = image_folder.load_folder(str(tmp_path), 16, 3)
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])
+    gray, _ = image_folder.load_folder(str(tmp_path), 8, 1)
+    assert gray.shape == (6, 8, 8, 1)
+    cfg = data.DataConfig(name="folder", path=str(tmp_path), image_size=16, num_channels=3)
+    images2, labels2 = data.load_dataset(cfg)
+    np.testing.assert_array_equal(images2, images)
+
+
+def test_center_crop_keeps_the_middle():
+    arr = np.zeros((10, 30), np.uint8)
+    arr[:, 10:20] = 255  # a bright vertical band in the middle third
+    out = np.asarray(image_folder.center_crop_resize(Image.fromarray(arr), 10))
+    assert out.shape == (10, 10) and out.min() > 200
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DatasetError, match="no .png"):
+        image_folder.load_folder(str(tmp_path), 8)
+    with pytest.raises(data.DatasetError, match="not a folder"):
+        image_folder.load_folder(str(tmp_path / "nope"), 8)
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    with pytest.raises(data.DatasetError, match="could be read"):
+        image_folder.load_folder(str(tmp_path), 8)
