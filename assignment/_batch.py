@@ -39,6 +39,7 @@ def make_batch_fn(
     process_index: int = 0,
     x_key: str = "x",
     z_key: str = "z",
+    group_key: str | None = None,
 ) -> BatchFn:
     """Builds the host pipeline's per-batch assignment function.
 
@@ -62,6 +63,10 @@ def make_batch_fn(
         process_index: this host's index in a multi-host run.
         x_key: the batch key of the images, `[B, ...]`.
         z_key: the batch key of the noise, `[B, ...]`.
+        group_key: if set (e.g. "label"), a permuting method pairs noise only among
+            the rows of the same group (class) within each shard. The pooled noise is
+            still the batch's own draws, so its marginal stays Gaussian, but which
+            noise a class receives now depends on that class's images.
 
     Returns:
         `fn(batch, step)`, returning a new dict: `batch` with `z_key` replaced by the
@@ -97,13 +102,33 @@ def make_batch_fn(
     if permute is not None:  # Row-wise methods (knn) are the same in either scope.
         options["shards"] = int(num_shards) if scope == "device" else 1
 
+    if group_key is not None and permute is None:
+        raise ValueError(f"group_key only applies to permuting methods, not {method!r}")
+
+    def grouped(x: np.ndarray, z: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        n_shards = options["shards"]
+        size = len(x) // n_shards
+        sub = {**options, "shards": 1}
+        perm = np.arange(len(x))
+        for s in range(n_shards):
+            lo = s * size
+            for g in np.unique(groups[lo:lo + size]):
+                rows = lo + np.flatnonzero(groups[lo:lo + size] == g)
+                perm[rows] = rows[permute(x[rows], z[rows], **sub)]
+        return perm
+
     def batch_fn(batch: Mapping[str, Any], step: int) -> dict[str, Any]:
-        for key in (x_key, z_key):
+        for key in (x_key, z_key) + ((group_key,) if group_key else ()):
             if key not in batch:
                 raise ValueError(f"batch has no {key!r} key; it has {sorted(batch)}")
         x, z = _cost.check_pair(batch[x_key], batch[z_key])
         start = time.perf_counter()
-        if permute is not None:
+        if group_key is not None:
+            if len(x) % options["shards"]:
+                raise ValueError(f"batch of {len(x)} does not split into "
+                                 f"{options['shards']} equal shards")
+            z_new = z[grouped(x, z, np.asarray(batch[group_key]))]
+        elif permute is not None:
             z_new = z[permute(x, z, **options)]
         else:
             z_new = fn(x, z, rng=knn_rng(seed, step, process_index), **options)

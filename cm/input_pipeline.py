@@ -26,6 +26,12 @@ def check_assignment_config(a: ml_collections.ConfigDict) -> None:
     if a.where == "device" and a.scope != "device":
         raise ValueError("assignment.where='device' assigns within each device's shard: "
                          "it needs assignment.scope='device'")
+    if a.within_class and a.method == "knn":
+        raise ValueError("assignment.within_class applies to permuting methods (linear), "
+                         "not knn (which pairs each image with its own candidates)")
+    if a.within_class and a.where == "device":
+        raise ValueError("assignment.within_class runs on the host path only "
+                         "(assignment.where='host')")
     if a.k < 1:
         raise ValueError(f"assignment.k must be >= 1, got {a.k}")
     if a.prefetch < 1:
@@ -44,7 +50,8 @@ def make_input(config: ml_collections.ConfigDict, batcher: data.Batcher, start_s
     batch_fn = assignment.make_batch_fn(
         method, scope=a.scope, num_shards=num_local_devices, cost=a.cost, dtype=a.dtype,
         scale=a.scale, k=a.k, solver=a.solver, seed=config.training.seed,
-        process_index=jax.process_index())
+        process_index=jax.process_index(),
+        group_key="label" if a.within_class and method != "none" else None)
     return assignment.Pipeline(batcher(start_step), batch_fn, start_step=start_step,
                                prefetch=a.prefetch)
 

@@ -50,6 +50,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.ema_index={config.sample.ema_index} but there are "
                          f"{len(t.ema_rates)} EMA rates")
     consistency.CMConfig.from_config(config)  # checks the cm section
+    if config.assignment.within_class and config.model.num_classes <= 0:
+        raise ValueError("assignment.within_class needs a class-conditional model "
+                         "(model.num_classes > 0)")
     input_pipeline.check_assignment_config(config.assignment)
 
 

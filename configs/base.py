@@ -68,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     assign.scale = 1.0  # images multiplied by this before the distance
     assign.k = 4  # knn candidates per image
     assign.solver = "auto"  # exact linear solver on the host
+    assign.within_class = False  # class-conditional runs: pair noise only within a class
     assign.prefetch = 2  # batches queued ahead of the device
 
     # Optimiser.

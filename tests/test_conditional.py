@@ -98,3 +98,36 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     with pytest.raises(data.DatasetError, match="could be read"):
         image_folder.load_folder(str(tmp_path), 8)
+
+
+@pytest.mark.parametrize("scope, shards", [("device", 2), ("host", 1)])
+def test_within_class_pairs_only_inside_each_class_and_shard(scope, shards):
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 12)).astype(np.float32)
+    z = rng.normal(size=(24, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 24).astype(np.int32)
+    fn = assignment.make_batch_fn("linear", scope=scope, num_shards=2, group_key="label",
+                                  solver="scipy")
+    out, _ = assignment.split_diagnostics(fn({"x": x, "z": z, "label": labels}, 0))
+    size = 24 // shards
+    for s in range(shards):
+        for g in range(3):
+            rows = s * size + np.flatnonzero(labels[s * size:(s + 1) * size] == g)
+            if not len(rows):
+                continue
+            got = {r.tobytes() for r in out["z"][rows]}
+            assert got == {r.tobytes() for r in z[rows]}  # noise stays in its class + shard
+            cost = np.linalg.norm(x[rows, None] - z[None, rows], axis=-1)
+            r, c = linear_sum_assignment(cost)
+            ours = np.linalg.norm(x[rows] - out["z"][rows], axis=-1).sum()
+            assert ours == pytest.approx(cost[r, c].sum(), rel=1e-5)
+
+
+def test_within_class_needs_labels_and_a_permuting_method():
+    with pytest.raises(ValueError, match="permuting"):
+        assignment.make_batch_fn("knn", group_key="label")
+    config = tiny_config(**{"assignment.within_class": True, "assignment.method": "linear"})
+    with pytest.raises(ValueError, match="num_classes"):
+        train.validate(config)
