@@ -97,7 +97,10 @@ def _cifar_help(data_dir: str) -> str:
     )
 
 
-def _read_source(source) -> tuple[np.ndarray, np.ndarray | None]:
+def _read_source(source, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Reads every example in chunks; `transform` (crop/resize) is applied per chunk so
+    that only the final-size images are ever held in memory."""
     n = len(source)
     images = None
     labels = np.zeros(n, np.int32)
@@ -110,6 +113,10 @@ def _read_source(source) -> tuple[np.ndarray, np.ndarray | None]:
         except (AttributeError, TypeError):  # e.g. tfds.testing.mock_data's source
             items = [source[i] for i in idx]
         block = np.stack([np.asarray(it["image"]) for it in items])
+        if block.ndim == 3:
+            block = block[..., None]
+        if transform is not None:
+            block = transform(block)
         if images is None:
             images = np.empty((n,) + block.shape[1:], np.uint8)
         images[start:start + len(idx)] = block
@@ -127,6 +134,7 @@ def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
 
 
 def load_tfds_with_labels(name: str, split: str, data_dir: str = "",
+                          transform: Callable[[np.ndarray], np.ndarray] | None = None,
                           ) -> tuple[np.ndarray, np.ndarray | None]:
     """A prepared TFDS image dataset as uint8 `[N, H, W, C]` and its int labels, if any.
 
@@ -139,13 +147,14 @@ def load_tfds_with_labels(name: str, split: str, data_dir: str = "",
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir or None,
                                   download=False)
-        return _read_source(source)
+        return _read_source(source, transform)
     except Exception as first:  # tfds raises several types for "not prepared"
         try:
             arrays = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir or None,
                                              batch_size=-1, download=False))
             labels = arrays.get("label")
-            return (np.asarray(arrays["image"], np.uint8),
+            images = np.asarray(arrays["image"], np.uint8)
+            return (transform(images) if transform else images,
                     None if labels is None else np.asarray(labels, np.int32))
         except Exception:
             pass
@@ -164,13 +173,14 @@ class DataConfig:
     image_size: int = 32
     num_channels: int = 3
     random_flip: bool = True
+    crop: int = 0  # center crop to crop x crop before resizing (0 = none)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
         d = config.data
         return cls(name=d.name, path=d.path, data_dir=d.data_dir, split=d.split,
                    image_size=d.image_size, num_channels=d.num_channels,
-                   random_flip=d.random_flip)
+                   random_flip=d.random_flip, crop=d.crop)
 
 
 def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
@@ -192,19 +202,45 @@ LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]]
 }
 
 
+def center_crop(images: np.ndarray, size: int) -> np.ndarray:
+    """The central `size x size` window of `[N, H, W, C]` (no-op if `size` is 0)."""
+    h, w = images.shape[1:3]
+    if size <= 0:
+        return images
+    if size > min(h, w):
+        raise DatasetError(f"data.crop={size} is larger than the images ({h}x{w})")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[:, top:top + size, left:left + size]
+
+
+def prepare(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Center crop (`data.crop`) then resize to `data.image_size`."""
+    return _resize(center_crop(images, cfg.crop), cfg.image_size)
+
+
+def _load_tfds_by_name(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    name = cfg.name.split(":", 1)[1]
+    return load_tfds_with_labels(name, cfg.split, cfg.data_dir,
+                                 transform=lambda block: prepare(block, cfg))
+
+
 def load_dataset(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """Loads the configured dataset, checked against the configured shape.
 
     Returns:
       uint8 images `[N, S, S, C]` and int32 labels `[N]` (None if the dataset has none).
     """
-    if cfg.name not in LOADERS:
-        raise DatasetError(f"unknown data.name {cfg.name!r}; expected one of {sorted(LOADERS)}")
-    images, labels = LOADERS[cfg.name](cfg)
+    if cfg.name.startswith("tfds:"):
+        images, labels = _load_tfds_by_name(cfg)
+    elif cfg.name in LOADERS:
+        images, labels = LOADERS[cfg.name](cfg)
+    else:
+        raise DatasetError(f"unknown data.name {cfg.name!r}; expected one of {sorted(LOADERS)} "
+                           "or 'tfds:<name>' for any prepared TFDS image dataset")
     if images.shape[0] == 0:
         raise DatasetError(f"dataset {cfg.name!r} has no images")
     if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
-        images = _resize(images, cfg.image_size)
+        images = prepare(images, cfg)
     if images.shape[-1] != cfg.num_channels:
         raise DatasetError(f"dataset {cfg.name!r} has {images.shape[-1]} channels but "
                            f"data.num_channels={cfg.num_channels}")

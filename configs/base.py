@@ -13,13 +13,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data: where images come from and how they are batched.
     data = config.data = ml_collections.ConfigDict()
-    data.name = "cifar10"  # cifar10 | digits | npz
+    data.name = "cifar10"  # cifar10 | digits | npz | folder | tfds:<any TFDS image dataset>
     data.path = ""  # .npz file for name=npz (array 'images' or 'x', uint8 NHWC)
     data.data_dir = ""  # tensorflow-datasets data dir ('' = tfds default)
     data.split = "train"
     data.image_size = 32
     data.num_channels = 3
     data.random_flip = True
+    data.crop = 0  # center crop (pixels) before resizing to image_size; 0 = none
 
     # Network F_theta (NCSN++ as in the OpenAI CIFAR-10 consistency-model configs).
     model = config.model = ml_collections.ConfigDict()

@@ -131,3 +131,36 @@ def test_within_class_needs_labels_and_a_permuting_method():
     config = tiny_config(**{"assignment.within_class": True, "assignment.method": "linear"})
     with pytest.raises(ValueError, match="num_classes"):
         train.validate(config)
+
+
+def test_celeba_shaped_mock_data_is_cropped_and_resized():
+    import tensorflow_datasets as tfds
+
+    from configs import celeba64_ct
+
+    config = celeba64_ct.get_config()
+    with tfds.testing.mock_data(num_examples=5):
+        images, labels = data.load_dataset(data.DataConfig.from_config(config))
+    assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8
+    assert labels is None  # celeb_a has attributes, not class labels
+    with pytest.raises(data.DatasetError, match="larger than the images"):
+        data.center_crop(images, 65)
+    with pytest.raises(data.DatasetError, match="tfds:<name>"):
+        data.load_dataset(data.DataConfig(name="celeba"))
+
+
+def test_network_at_64x64_in_shrunk_form():
+    import jax
+
+    from cm import model
+
+    config = tiny_config(**{"data.image_size": 64, "data.num_channels": 3})
+    config.model.ch_mult = (1, 2, 2, 2)
+    config.model.attn_resolutions = (16,)
+    module = model.build_model(config)
+    shapes = jax.eval_shape(lambda: model.init_params(module, jax.random.PRNGKey(0), config))
+    params = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(
+        s.dtype) * 0.05, shapes)
+    x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    out = module.apply({"params": params}, x, np.zeros(2, np.float32), None, train=False)
+    assert out.shape == (2, 64, 64, 3) and np.all(np.isfinite(out))
