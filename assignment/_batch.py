@@ -64,9 +64,9 @@ def make_batch_fn(
         x_key: the batch key of the images, `[B, ...]`.
         z_key: the batch key of the noise, `[B, ...]`.
         group_key: if set (e.g. "label"), a permuting method pairs noise only among
-            the rows of the same group (class) within each shard. The pooled noise is
-            still the batch's own draws, so its marginal stays Gaussian, but which
-            noise a class receives now depends on that class's images.
+            the rows of the same group (class) within each shard, so each class keeps
+            exactly its own rows' Gaussian draws: the noise marginal stays Gaussian per
+            class, not only over the whole batch.
 
     Returns:
         `fn(batch, step)`, returning a new dict: `batch` with `z_key` replaced by the
