@@ -174,19 +174,23 @@ class DataConfig:
     num_channels: int = 3
     random_flip: bool = True
     crop: int = 0  # center crop to crop x crop before resizing (0 = none)
+    stream: str = "auto"  # folder / tfds:<name>: auto | never | always decode on access
+    max_memory_gb: float = 16.0  # "auto" streams datasets larger than this, decoded
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
         d = config.data
         return cls(name=d.name, path=d.path, data_dir=d.data_dir, split=d.split,
                    image_size=d.image_size, num_channels=d.num_channels,
-                   random_flip=d.random_flip, crop=d.crop)
+                   random_flip=d.random_flip, crop=d.crop, stream=d.stream,
+                   max_memory_gb=d.max_memory_gb)
 
 
 def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
     from cm import image_folder  # imports DatasetError from here
 
-    return image_folder.load_folder(cfg.path, cfg.image_size, cfg.num_channels)
+    return image_folder.load_folder(cfg.path, cfg.image_size, cfg.num_channels, cfg.stream,
+                                    cfg.max_memory_gb)
 
 
 def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
@@ -220,8 +224,23 @@ def prepare(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 def _load_tfds_by_name(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     name = cfg.name.split(":", 1)[1]
-    return load_tfds_with_labels(name, cfg.split, cfg.data_dir,
-                                 transform=lambda block: prepare(block, cfg))
+    transform = lambda block: prepare(block, cfg)  # noqa: E731
+    if cfg.stream != "never":
+        import tensorflow_datasets as tfds
+
+        from cm import streaming
+
+        shape = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        try:
+            source = tfds.data_source(name, split=cfg.split, data_dir=cfg.data_dir or None,
+                                      download=False)
+        except Exception:
+            source = None  # not prepared: load_tfds_with_labels explains
+        if source is not None and (cfg.stream == "always" or streaming.too_large(
+                len(source), shape, cfg.max_memory_gb)):
+            # Streaming keeps only the images lazy; labels would need a full pass.
+            return streaming.source_images(source, shape, transform), None
+    return load_tfds_with_labels(name, cfg.split, cfg.data_dir, transform=transform)
 
 
 def load_dataset(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
@@ -230,6 +249,8 @@ def load_dataset(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     Returns:
       uint8 images `[N, S, S, C]` and int32 labels `[N]` (None if the dataset has none).
     """
+    if cfg.stream not in ("auto", "never", "always"):
+        raise DatasetError(f"data.stream must be auto, never or always, got {cfg.stream!r}")
     if cfg.name.startswith("tfds:"):
         images, labels = _load_tfds_by_name(cfg)
     elif cfg.name in LOADERS:

@@ -12,6 +12,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
+from cm import streaming
 from cm.data import DatasetError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -44,17 +45,33 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_folder(root: str, image_size: int, num_channels: int = 3,
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Loads every image below `root`.
+def _labels_of(classes: list[str]) -> np.ndarray | None:
+    names = sorted(set(classes))
+    if names == [""]:
+        return None
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index[c] for c in classes], np.int32)
+
+
+def load_folder(root: str, image_size: int, num_channels: int = 3, stream: str = "never",
+                max_memory_gb: float = 16.0):
+    """Loads every image below `root`, or streams them when they would not fit in memory.
+
+    Args:
+      stream: "never" (decode all now), "always" (decode on access), or "auto" (stream
+        when the decoded images would exceed `max_memory_gb`).
 
     Returns:
-      uint8 images `[N, S, S, C]` and int32 labels `[N]` from the subfolder names
-      (None when all files sit directly in `root`).
+      uint8 images `[N, S, S, C]` (a numpy array, or a `cm.streaming.LazyImages`) and
+      int32 labels `[N]` from the subfolder names (None when all files sit in `root`).
     """
     if num_channels not in (1, 3):
         raise DatasetError(f"data.num_channels must be 1 or 3 for a folder, got {num_channels}")
     files = list_images(root)
+    shape = (image_size, image_size, num_channels)
+    if stream == "always" or (stream == "auto" and streaming.too_large(len(files), shape,
+                                                                        max_memory_gb)):
+        return _stream_folder(root, files, image_size, num_channels)
     mode = "L" if num_channels == 1 else "RGB"
     images, classes, skipped = [], [], []
     for path, cls in files:
@@ -72,9 +89,27 @@ def load_folder(root: str, image_size: int, num_channels: int = 3,
     if skipped:
         logging.warning("skipped %d unreadable of %d image files below %s", len(skipped),
                         len(files), root)
-    names = sorted(set(classes))
-    labels = None
-    if names != [""]:
-        index = {n: i for i, n in enumerate(names)}
-        labels = np.asarray([index[c] for c in classes], np.int32)
-    return np.stack(images), labels
+    return np.stack(images), _labels_of(classes)
+
+
+def _stream_folder(root: str, files: list[tuple[str, str]], image_size: int,
+                   num_channels: int):
+    """Checks every file's header now (cheap) and decodes images on access."""
+    good, classes, skipped = [], [], 0
+    for path, cls in files:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            skipped += 1
+            logging.warning("skipping unreadable image %s: %s", path, e)
+            continue
+        good.append(path)
+        classes.append(cls)
+    if not good:
+        raise DatasetError(f"none of the {len(files)} image files below {root!r} could be read")
+    logging.info("streaming %d images from %s (%d unreadable skipped)", len(good), root,
+                 skipped)
+    images = streaming.folder_images(good, image_size, num_channels,
+                                     lambda im: center_crop_resize(im, image_size))
+    return images, _labels_of(classes)
