@@ -112,11 +112,17 @@ def _read_source(source, transform: Callable[[np.ndarray], np.ndarray] | None = 
             items = source.__getitems__(idx)
         except (AttributeError, TypeError):  # e.g. tfds.testing.mock_data's source
             items = [source[i] for i in idx]
-        block = np.stack([np.asarray(it["image"]) for it in items])
-        if block.ndim == 3:
-            block = block[..., None]
-        if transform is not None:
-            block = transform(block)
+        arrays = [np.asarray(it["image"]) for it in items]
+        arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+        if len({a.shape for a in arrays}) > 1:  # mixed sizes: crop/resize one by one
+            if transform is None:
+                raise DatasetError(f"images of different shapes {sorted({a.shape for a in arrays})}"
+                                   " in one dataset: set data.crop / data.image_size")
+            block = np.concatenate([transform(a[None]) for a in arrays])
+        else:
+            block = np.stack(arrays)
+            if transform is not None:
+                block = transform(block)
         if images is None:
             images = np.empty((n,) + block.shape[1:], np.uint8)
         images[start:start + len(idx)] = block
