@@ -21,7 +21,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Array | None],
                    jax.Array]
 
-LOSSES = ("ct", "ict")
+LOSSES = ("ct", "ict", "edm")  # edm: diffusion training, see cm/edm.py
 METRICS = ("l2", "l1", "pseudo_huber")
 
 
@@ -67,12 +67,15 @@ class CMConfig:
         return schedules.max_scales(self.end_scales)
 
     def num_scales(self, step: int | jax.Array) -> jax.Array:
+        """N(k) of the curriculum (0 for EDM, which samples continuous sigmas)."""
+        if self.loss == "edm":
+            return jnp.zeros((), jnp.int32)
         fn = schedules.ict_num_scales if self.loss == "ict" else schedules.ct_num_scales
         return fn(step, self.total_steps, self.start_scales, self.end_scales)
 
     def target_decay(self, step: int | jax.Array) -> jax.Array:
-        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters)."""
-        if self.loss == "ict":
+        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters) and EDM."""
+        if self.loss in ("ict", "edm"):
             return jnp.zeros((), jnp.float32)
         return schedules.ct_ema_decay(self.num_scales(step), self.start_scales, self.start_ema)
 

@@ -54,7 +54,10 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
     ckpt.close()
     out_dir = os.path.join(run_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    name = f"sample_step{step:08d}_{len(ts)}step"
+    if config.cm.loss == "edm":
+        name = f"sample_step{step:08d}_{config.sample.solver}{config.sample.steps}"
+    else:
+        name = f"sample_step{step:08d}_{len(ts)}step"
     path = os.path.join(out_dir, name + ".npz")
     if not distributed.is_main():  # only process 0 writes
         return path

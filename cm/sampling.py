@@ -37,13 +37,17 @@ def sample(apply_fn: consistency.ApplyFn, params, cfg: consistency.CMConfig,
 
 
 def make_sampler(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, mesh: Mesh,
-                 image_shape: tuple[int, int, int], ts: Sequence[float], num_classes: int = 0):
+                 image_shape: tuple[int, int, int], ts: Sequence[float], num_classes: int = 0,
+                 sample_fn=None):
     """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh.
 
     For a class-conditional model (`num_classes > 0`) `labels` `[B]` picks the classes;
     without it the classes are drawn uniformly from `key` (what class-conditional FID
-    against the whole training set needs).
+    against the whole training set needs). `sample_fn(apply_fn, params, cfg, key, shape,
+    labels)` replaces consistency sampling at times `ts` (e.g. an EDM ODE solver).
     """
+    if sample_fn is None:
+        sample_fn = lambda f, p, c, k, shape, labels: sample(f, p, c, k, shape, ts, labels)  # noqa: E731
     out_sharding = NamedSharding(mesh, P("data"))
     ts = tuple(float(t) for t in ts)
 
@@ -52,7 +56,7 @@ def make_sampler(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, mesh:
         if num_classes > 0 and labels is None:
             key, label_key = jax.random.split(key)
             labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
-        x = sample(apply_fn, params, cfg, key, (batch_size,) + image_shape, ts, labels)
+        x = sample_fn(apply_fn, params, cfg, key, (batch_size,) + image_shape, labels)
         return jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
 
     def sampler(params, key, batch_size: int, labels=None):

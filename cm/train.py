@@ -7,6 +7,7 @@ process runs this loop on its slice of each global batch and takes part in
 checkpoints and sample grids; only process 0 writes config, metrics and images.
 """
 
+import functools
 import os
 import time
 
@@ -23,6 +24,7 @@ from cm import (
     consistency,
     data,
     distributed,
+    edm,
     input_pipeline,
     logs,
     model,
@@ -54,6 +56,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("assignment.within_class needs a class-conditional model "
                          "(model.num_classes > 0)")
     input_pipeline.check_assignment_config(config.assignment)
+
+
+def _edm_sample(apply_fn, params, cfg, key, shape, labels, *, solver, steps):
+    return edm.ode_sample(apply_fn, params, cfg, key, shape, steps, solver, labels)
 
 
 def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
@@ -111,11 +117,16 @@ class Setup:
     def sampler(self, ts):
         """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid)."""
         ts = tuple(float(t) for t in ts)
-        if ts not in self._samplers:
-            self._samplers[ts] = sampling.make_sampler(self.apply_fn, self.cm, self.mesh,
-                                                       self.image_shape, ts,
-                                                       self.config.model.num_classes)
-        return self._samplers[ts]
+        cache_key, sample_fn = ts, None
+        if self.cm.loss == "edm":  # a diffusion model: an ODE solver, not times `ts`
+            solver, steps = self.config.sample.solver, self.config.sample.steps
+            cache_key = (solver, steps)
+            sample_fn = functools.partial(_edm_sample, solver=solver, steps=steps)
+        if cache_key not in self._samplers:
+            self._samplers[cache_key] = sampling.make_sampler(
+                self.apply_fn, self.cm, self.mesh, self.image_shape, ts,
+                self.config.model.num_classes, sample_fn=sample_fn)
+        return self._samplers[cache_key]
 
     def round_batch(self, n: int) -> int:
         d = jax.device_count()

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm import consistency
+from cm import consistency, losses
 
 PyTree = Any
 # device_assign(x [b,H,W,C], z [b,H,W,C], key) -> z, applied to each device's shard.
@@ -86,6 +86,8 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
     optionally `label` `[B]`). The state is donated.
     """
+    loss_impl = losses.LOSS_FNS[cfg.loss]
+
     def shard_loss(params, target_params, step, batch):
         x, z = batch["x"], batch["z"]
         local_b = x.shape[0]
@@ -98,8 +100,8 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
 
         def loss_fn(p):
-            return consistency.consistency_loss(apply_fn, cfg, p, target_params, x, z, step,
-                                                example_keys, dropout_key, batch.get("label"))
+            return loss_impl(apply_fn, cfg, p, target_params, x, z, step, example_keys,
+                             dropout_key, batch.get("label"))
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grads = jax.lax.pmean(grads, "data")

@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Consistency model: schedule, parameterisation, loss.
     cm = config.cm = ml_collections.ConfigDict()
-    cm.loss = "ct"  # ct | ict
+    cm.loss = "ct"  # ct | ict | edm (diffusion training; cm.p_mean / p_std: lognormal sigma)
     cm.sigma_min = 0.002
     cm.sigma_max = 80.0
     cm.rho = 7.0
@@ -105,6 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
     sample.n = 64
     sample.batch_size = 256
     sample.step = -1  # checkpoint step; -1 = latest
+    sample.solver = "heun"  # EDM runs: heun (2nd order) | euler (1st order, = DDIM)
+    sample.steps = 18  # EDM runs: Karras time steps
     sample.label = -1  # class-conditional models: a class, or -1 for a class grid
 
     # Evaluation (FID / IS, see evaluation/).
@@ -137,6 +139,7 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.training.n_grid = 4
     config.sample.n = 4
     config.sample.batch_size = 4
+    config.sample.steps = min(config.sample.steps, 4)
     config.eval.n_samples = 16
     config.eval.batch_size = 8
     config.optim.warmup = min(config.optim.warmup, 2)

@@ -248,6 +248,10 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
       The rows of the chosen (step, sampler) pairs that are complete, in order.
     """
     saved = workdir.load_config(run_dir)
+    if saved.cm.loss == "edm":
+        raise ValueError("--mode eval does not handle EDM (diffusion) runs yet: its 1step / "
+                         "2step samplers are consistency samplers. Use --mode sample "
+                         "(sample.solver, sample.steps) for EDM samples.")
     ev = _eval_settings(saved, config)
     ev.validate()
     data_cfg = data.DataConfig.from_config(saved)

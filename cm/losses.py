@@ -1,0 +1,15 @@
+"""Training losses by name (`cm.loss`): each takes the noise `z` as an argument.
+
+Signature: `loss(apply_fn, cfg, params, target_params, x, z, step, example_keys,
+dropout_key, labels) -> (loss, aux)`.
+"""
+
+from collections.abc import Callable
+
+from cm import consistency, edm
+
+LOSS_FNS: dict[str, Callable] = {
+    "ct": consistency.consistency_loss,
+    "ict": consistency.consistency_loss,
+    "edm": edm.edm_loss,
+}

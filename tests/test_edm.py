@@ -1,0 +1,92 @@
+"""EDM: preconditioning and loss by hand, ODE samplers on Gaussian data, a short run."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm import consistency, edm, sample_run, train, workdir
+from tests.helpers import tiny_config
+
+CFG = consistency.CMConfig(loss="edm", p_mean=-1.2, p_std=1.2)
+
+
+def test_preconditioning_by_hand():
+    c_skip, c_out, c_in, c_noise = edm.scalings(jnp.array([2.0]), 0.5)
+    assert float(c_skip[0]) == pytest.approx(0.25 / 4.25)
+    assert float(c_out[0]) == pytest.approx(2 * 0.5 / math.sqrt(4.25))
+    assert float(c_in[0]) == pytest.approx(1 / math.sqrt(4.25))
+    assert float(c_noise[0]) == pytest.approx(0.25 * math.log(2.0))
+    assert float(edm.loss_weight(jnp.array(2.0), 0.5)) == pytest.approx(4.25 / 1.0)
+
+
+def test_loss_by_hand():
+    """With F = 0 the denoiser is c_skip (x + sigma z): the loss has a closed form."""
+    apply_fn = lambda p, x, t, labels, train, key: jnp.zeros_like(x)  # noqa: E731
+    x = jax.random.uniform(jax.random.PRNGKey(0), (5, 4, 4, 1), minval=-1, maxval=1)
+    z = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 4, 1))
+    keys = jax.random.split(jax.random.PRNGKey(2), 5)
+    loss, _ = edm.edm_loss(apply_fn, CFG, None, None, x, z, 0, keys, keys[0])
+    x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
+    want = 0.0
+    for i, k in enumerate(keys):
+        sigma = math.exp(-1.2 + 1.2 * float(jax.random.normal(k, ())))
+        c_skip = 0.25 / (sigma**2 + 0.25)
+        err = np.mean((c_skip * (x[i] + sigma * z[i]) - x[i]) ** 2)
+        want += (sigma**2 + 0.25) / (sigma * 0.5) ** 2 * err / 5
+    assert float(loss) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("solver, steps, tol", [("heun", 40, 0.02), ("euler", 200, 0.05)])
+def test_ode_sampler_recovers_gaussian_variance(solver, steps, tol):
+    """For data N(0, s^2) the exact denoiser is s^2 / (s^2 + sigma^2) x."""
+    s2 = 0.3**2
+
+    def exact_apply(params, x_in, t_cond, labels, train, key):
+        sigma = jnp.exp(4.0 * t_cond)[:, None, None, None]
+        c_skip, c_out, c_in, _ = edm.scalings(sigma, 0.5)
+        x = x_in / c_in
+        return (s2 / (s2 + sigma**2) * x - c_skip * x) / c_out
+
+    cfg = consistency.CMConfig(loss="edm", sigma_max=20.0)
+    out = edm.ode_sample(exact_apply, None, cfg, jax.random.PRNGKey(0), (256, 8, 8, 1), steps,
+                         solver)
+    # The exact ODE maps sigma_max z to s z (sqrt(s^2 + 20^2) / 20 - 1 < 1e-4).
+    want = s2 * float(jnp.var(jax.random.normal(jax.random.PRNGKey(0), (256, 8, 8, 1))))
+    assert float(jnp.var(out)) == pytest.approx(want, rel=tol)
+    # Heun is second order: more accurate than Euler at the same number of steps.
+    if solver == "heun":
+        euler = edm.ode_sample(exact_apply, None, cfg, jax.random.PRNGKey(0), (256, 8, 8, 1),
+                               steps, "euler")
+        assert abs(float(jnp.var(out)) - want) < abs(float(jnp.var(euler)) - want)
+
+
+def test_karras_steps_end_points():
+    t = edm.karras_steps(18, 0.002, 80.0, 7.0)
+    assert t[0] == pytest.approx(80.0) and t[-2] == pytest.approx(0.002) and t[-1] == 0.0
+    assert np.all(np.diff(t) < 0)
+
+
+def test_edm_config_trains_and_samples(tmp_path):
+    from configs import cifar10_edm
+
+    config = cifar10_edm.get_config("smoke")
+    small = tiny_config()
+    config.data, config.model = small.data, small.model
+    config.model.dropout = 0.13
+    config.training.n_iters, config.training.snapshot_every = 2, 2
+    config.training.sample_every = 0
+    train.train(config, str(tmp_path))
+    saved = workdir.load_config(str(tmp_path))
+    saved.sample.n, saved.sample.solver = 4, "euler"
+    path = sample_run.sample_from_workdir(str(tmp_path), saved)
+    assert os.path.basename(path).endswith("_euler4.npz")
+    with np.load(path) as f:
+        assert f["images"].shape == (4, 8, 8, 1)
+    from evaluation import run as eval_run
+
+    with pytest.raises(ValueError, match="EDM"):
+        eval_run.evaluate(str(tmp_path))
