@@ -21,7 +21,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Array | None],
                    jax.Array]
 
-LOSSES = ("ct", "ict", "edm")  # edm: diffusion training, see cm/edm.py
+LOSSES = ("ct", "ict", "edm", "cd")  # edm: diffusion (cm/edm.py); cd: distillation
 METRICS = ("l2", "l1", "pseudo_huber")
 
 
@@ -70,6 +70,8 @@ class CMConfig:
         """N(k) of the curriculum (0 for EDM, which samples continuous sigmas)."""
         if self.loss == "edm":
             return jnp.zeros((), jnp.int32)
+        if self.loss == "cd":  # fixed discretisation N = s1 (18 for CIFAR-10 CD)
+            return jnp.asarray(self.end_scales, jnp.int32)
         fn = schedules.ict_num_scales if self.loss == "ict" else schedules.ct_num_scales
         return fn(step, self.total_steps, self.start_scales, self.end_scales)
 
@@ -77,6 +79,8 @@ class CMConfig:
         """mu(k) of the CT target EMA; 0 for iCT (target = current parameters) and EDM."""
         if self.loss in ("ict", "edm"):
             return jnp.zeros((), jnp.float32)
+        if self.loss == "cd":  # fixed target EMA mu0 (0.95 for CIFAR-10 CD)
+            return jnp.asarray(self.start_ema, jnp.float32)
         return schedules.ct_ema_decay(self.num_scales(step), self.start_scales, self.start_ema)
 
 

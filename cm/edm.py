@@ -73,6 +73,17 @@ def karras_steps(n: int, sigma_min: float, sigma_max: float, rho: float) -> np.n
     return np.append(t, 0.0)
 
 
+def heun_step(apply_fn: consistency.ApplyFn, params: PyTree, x: jax.Array, t: jax.Array,
+              t_next: jax.Array, sigma_data: float, labels: jax.Array | None = None,
+              ) -> jax.Array:
+    """One Heun step of the probability-flow ODE from times `t` to `t_next` > 0, both [B]."""
+    b = lambda v: v[:, None, None, None]  # noqa: E731
+    d = (x - denoise(apply_fn, params, x, t, sigma_data, labels)) / b(t)
+    x_euler = x + b(t_next - t) * d
+    d_next = (x_euler - denoise(apply_fn, params, x_euler, t_next, sigma_data, labels)) / b(t_next)
+    return x + b(t_next - t) * 0.5 * (d + d_next)
+
+
 def ode_sample(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CMConfig,
                key: jax.Array, shape: tuple[int, ...], steps: int, solver: str = "heun",
                labels: jax.Array | None = None) -> jax.Array:

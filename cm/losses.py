@@ -6,10 +6,11 @@ dropout_key, labels) -> (loss, aux)`.
 
 from collections.abc import Callable
 
-from cm import consistency, edm
+from cm import consistency, distill, edm
 
 LOSS_FNS: dict[str, Callable] = {
     "ct": consistency.consistency_loss,
     "ict": consistency.consistency_loss,
     "edm": edm.edm_loss,
+    "cd": distill.cd_loss,  # also takes teacher_params / teacher_apply_fn
 }

@@ -191,9 +191,16 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
+    teacher_apply, teacher = None, None
+    if setup.cm.loss == "cd":
+        from cm import distill
+
+        teacher_apply, teacher = distill.load_teacher(config)
+        logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
-        device_assign=input_pipeline.device_assign_fn(config.assignment))
+        device_assign=input_pipeline.device_assign_fn(config.assignment),
+        teacher_apply_fn=teacher_apply)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip, labels=labels)
     logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
@@ -229,7 +236,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                 waited_log += time.perf_counter() - t0
                 for k, v in diagnostics.items():
                     diag_acc.setdefault(k, []).append(float(v))
-                state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh))
+                state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh), teacher)
                 step += 1
                 pending.append((step, metrics["loss"]))
                 window_losses.append(metrics["loss"])

@@ -7,6 +7,7 @@ Randomness comes from `fold_in(base_key, step)`; per-example keys are folded wit
 global example index so the update does not depend on the number of devices.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +72,7 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, loss: str,
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        target_params=copy(params) if loss == "ct" else None,
+        target_params=copy(params) if loss in ("ct", "cd") else None,
         ema_params=tuple(copy(params) for _ in range(num_ema)),
         opt_state=tx.init(params),
     )
@@ -80,15 +81,21 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, loss: str,
 def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
                     mesh: Mesh, base_key: jax.Array,
-                    device_assign: DeviceAssignFn | None = None):
-    """Returns the jitted `train_step(state, batch) -> (state, metrics)`.
+                    device_assign: DeviceAssignFn | None = None, teacher_apply_fn=None):
+    """Returns the jitted `train_step(state, batch, teacher=None) -> (state, metrics)`.
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
-    optionally `label` `[B]`). The state is donated.
+    optionally `label` `[B]`). The state is donated. Consistency distillation
+    (`cm.loss=cd`) also takes the frozen teacher's parameters, replicated, as an
+    argument (never part of the checkpointed state), applied with `teacher_apply_fn`.
     """
     loss_impl = losses.LOSS_FNS[cfg.loss]
+    if cfg.loss == "cd":
+        if teacher_apply_fn is None:
+            raise ValueError("consistency distillation needs teacher_apply_fn")
+        loss_impl = functools.partial(loss_impl, teacher_apply_fn=teacher_apply_fn)
 
-    def shard_loss(params, target_params, step, batch):
+    def shard_loss(params, target_params, step, batch, teacher):
         x, z = batch["x"], batch["z"]
         local_b = x.shape[0]
         shard = jax.lax.axis_index("data")
@@ -99,9 +106,11 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
 
+        extra = {} if teacher is None else {"teacher_params": teacher}
+
         def loss_fn(p):
             return loss_impl(apply_fn, cfg, p, target_params, x, z, step, example_keys,
-                             dropout_key, batch.get("label"))
+                             dropout_key, batch.get("label"), **extra)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         grads = jax.lax.pmean(grads, "data")
@@ -109,13 +118,13 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, teacher=None) -> tuple[TrainState, dict]:
         batch_specs = {k: P("data") for k in batch}
         loss, aux, grads = jax.shard_map(
             shard_loss, mesh=mesh,
-            in_specs=(P(), P(), P(), batch_specs),
+            in_specs=(P(), P(), P(), batch_specs, P()),
             out_specs=(P(), P(), P()),
-        )(state.params, state.target_params, state.step, batch)
+        )(state.params, state.target_params, state.step, batch, teacher)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         mu = cfg.target_decay(state.step)

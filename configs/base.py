@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     cm.start_ema = 0.9  # mu0 (CT target EMA); iCT ignores it
     cm.p_mean = -1.1  # iCT discrete lognormal level sampling
     cm.p_std = 2.0
+    cm.teacher_workdir = ""  # cm.loss=cd: workdir of the EDM teacher run
 
     # Immiscible noise assignment (see assignment/).
     assign = config.assignment = ml_collections.ConfigDict()

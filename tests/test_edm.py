@@ -90,3 +90,38 @@ def test_edm_config_trains_and_samples(tmp_path):
 
     with pytest.raises(ValueError, match="EDM"):
         eval_run.evaluate(str(tmp_path))
+
+
+def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
+    from configs import cifar10_cd, cifar10_edm
+
+    small = tiny_config()
+    teacher = cifar10_edm.get_config("smoke")
+    teacher.data, teacher.model = small.data, small.model
+    teacher.training.n_iters, teacher.training.snapshot_every = 2, 2
+    teacher.training.sample_every = 0
+    train.train(teacher, str(tmp_path / "edm"))
+
+    config = cifar10_cd.get_config("smoke")
+    config.data, config.model = small.data, small.model
+    config.training.n_iters, config.training.snapshot_every = 3, 3
+    config.training.sample_every = 0
+    config.cm.teacher_workdir = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="train the EDM teacher"):
+        train.train(config, str(tmp_path / "cd_missing"))
+    config.cm.teacher_workdir = str(tmp_path / "edm")
+    last = train.train(config, str(tmp_path / "cd"))
+    assert last["step"] == 3 and np.isfinite(last["loss"])
+    assert last["num_scales"] == 18 and last["mu"] == pytest.approx(0.95)
+
+
+def test_heun_step_matches_the_sampler():
+    apply_fn = lambda p, x, t, labels, train, key: 0.1 * x  # noqa: E731
+    cfg = consistency.CMConfig(loss="edm", sigma_max=10.0)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 1)) * 10.0
+    ts = edm.karras_steps(2, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # [10, 0.002, 0]
+    step = edm.heun_step(apply_fn, None, x, jnp.full((3,), ts[0]), jnp.full((3,), ts[1]), 0.5)
+    d = lambda x, t: (x - edm.denoise(apply_fn, None, x, jnp.full((3,), t), 0.5)) / t  # noqa
+    x1 = x + (ts[1] - ts[0]) * d(x, ts[0])
+    want = x + (ts[1] - ts[0]) * 0.5 * (d(x, ts[0]) + d(x1, ts[1]))
+    np.testing.assert_allclose(step, want, rtol=1e-5, atol=1e-6)

@@ -30,9 +30,9 @@ def test_bad_config_fails_before_writing(tmp_path, args, message):
 
 
 def test_smoke_config_loads_for_every_experiment():
-    from configs import celeba64_ct, cifar10_ct, cifar10_ict, quickstart
+    from configs import celeba64_ct, cifar10_cd, cifar10_ct, cifar10_edm, cifar10_ict, quickstart
 
-    for module in (celeba64_ct, cifar10_ct, cifar10_ict, quickstart):
+    for module in (celeba64_ct, cifar10_cd, cifar10_ct, cifar10_edm, cifar10_ict, quickstart):
         full, smoke = module.get_config(), module.get_config("smoke")
         assert smoke.training.n_iters < full.training.n_iters
         assert smoke.model.nf < full.model.nf or full.model.nf <= 16
