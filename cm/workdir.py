@@ -54,7 +54,20 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    return ml_collections.ConfigDict(tuples(d))
+    # Fields added to the project after the run was started take their defaults.
+    from configs import base
+
+    merged = config_to_dict(base.get_config())
+    _merge(merged, d)
+    return ml_collections.ConfigDict(tuples(merged))
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def diff(old: dict, new: dict, fields: tuple[str, ...] | None = None) -> list[str]:

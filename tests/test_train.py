@@ -156,3 +156,15 @@ def test_grid_sampler_is_built_once_per_times():
     setup = train.Setup(tiny_config())
     assert setup.sampler((80.0,)) is setup.sampler([80])
     assert setup.sampler((80.0, 0.821)) is not setup.sampler((80.0,))
+
+
+def test_saved_config_from_an_older_version_gets_new_fields(tmp_path):
+    config = tiny_config()
+    workdir.write_config(str(tmp_path), config)
+    path = workdir.config_path(str(tmp_path))
+    saved = json.load(open(path))
+    del saved["data"]["stream"], saved["sample"]["label"]  # fields added later
+    json.dump(saved, open(path, "w"))
+    loaded = workdir.load_config(str(tmp_path))
+    assert loaded.data.stream == "auto" and loaded.sample.label == -1
+    assert loaded.model.ch_mult == (1, 2) and loaded.training.ema_rates == (0.99,)

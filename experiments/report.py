@@ -1,0 +1,379 @@
+"""The report of a sweep: metric-vs-steps curves (PNG), a table and the speed-up (Markdown).
+
+  python -m experiments.report --root runs/sweep [--metric fd_pixels] [--sampler 1step]
+
+Reads every `<root>/<arm>/seed<k>/eval.jsonl` (or `<root>/results.jsonl` when there are
+no workdirs, e.g. rows copied back from a cluster) and writes `<root>/report.md` and
+`<root>/curves.png`. Lower metric values are better (FID, `fd_pixels`). The speed-up of
+an arm at a quality level is, as in the immiscible-diffusion paper, the number of steps
+vanilla needs to reach the level divided by the number the arm needs; steps to reach a
+level are read off each curve by linear interpolation between evaluated steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+REPORT = "report.md"
+PLOT = "curves.png"
+VANILLA = "assignment.method=none"
+
+__all__ = ["Curve", "Reach", "arm_curves", "default_levels", "load_rows", "main",
+           "mean_curve", "plot", "speedups", "steps_to_reach", "table", "write_report"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+    """A metric against training steps (ascending steps)."""
+
+    steps: np.ndarray  # [T]
+    values: np.ndarray  # [T]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reach:
+    """When a curve first reaches a level: `step` (None: never), and whether the curve was
+    already at or below the level at its first evaluated step (then `step` is that step,
+    an upper bound of the true one)."""
+
+    step: float | None
+    censored: bool = False
+
+
+# ----------------------------------------------------------------------------------------
+# Reading.
+
+_SEED_DIR = re.compile(r"^seed(\d+)$")
+
+
+def load_rows(root: str) -> list[dict]:
+    """Every eval row of a sweep root, with 'arm' and 'seed'.
+
+    Rows come from the workdirs `<root>/<arm>/seed<k>/eval.jsonl` (always current, even
+    for a sweep that was interrupted); `<root>/results.jsonl` is the fallback.
+    """
+    rows: list[dict] = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "seed*", "eval.jsonl"))):
+        seed_dir = os.path.dirname(path)
+        m = _SEED_DIR.match(os.path.basename(seed_dir))
+        if not m:
+            continue
+        arm = os.path.basename(os.path.dirname(seed_dir))
+        with open(path) as f:
+            rows += [{**json.loads(line), "arm": arm, "seed": int(m.group(1))}
+                     for line in f if line.strip()]
+    if not rows and os.path.exists(os.path.join(root, "results.jsonl")):
+        with open(os.path.join(root, "results.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+def arm_curves(rows: Sequence[dict], metric: str, sampler: str
+               ) -> dict[str, dict[int, Curve]]:
+    """{arm: {seed: curve}} of one metric and sampler (the last row wins for a step)."""
+    points: dict[str, dict[int, dict[int, float]]] = {}
+    for r in rows:
+        if r.get("sampler") != sampler or r.get(metric) is None:
+            continue
+        points.setdefault(r["arm"], {}).setdefault(int(r["seed"]), {})[int(r["step"])] = \
+            float(r[metric])
+    out: dict[str, dict[int, Curve]] = {}
+    for arm in sorted(points):
+        out[arm] = {}
+        for seed, by_step in sorted(points[arm].items()):
+            steps = np.array(sorted(by_step), dtype=float)
+            out[arm][seed] = Curve(steps, np.array([by_step[int(s)] for s in steps]))
+    return out
+
+
+def mean_curve(curves: dict[int, Curve]) -> tuple[Curve, np.ndarray, np.ndarray, np.ndarray,
+                                                  np.ndarray]:
+    """The seed mean at every step some seed evaluated, with std, min, max and count."""
+    steps = np.array(sorted({float(s) for c in curves.values() for s in c.steps}))
+    per_step = [[float(c.values[c.steps == s][0]) for c in curves.values() if s in c.steps]
+                for s in steps]
+    mean = np.array([np.mean(v) for v in per_step])
+    std = np.array([np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in per_step])
+    lo = np.array([np.min(v) for v in per_step])
+    hi = np.array([np.max(v) for v in per_step])
+    count = np.array([len(v) for v in per_step])
+    return Curve(steps, mean), std, lo, hi, count
+
+
+# ----------------------------------------------------------------------------------------
+# Speed-up.
+
+
+def steps_to_reach(curve: Curve, level: float) -> Reach:
+    """The first step at which `curve` is at or below `level`, interpolated linearly.
+
+    Between the last evaluated step above the level and the first one at or below it,
+    the curve is taken as a straight line. A curve already at or below the level at its
+    first evaluated step gives that step, marked `censored`.
+
+    Example: steps (0, 100, 200), values (10, 6, 2), level 4 -> step 150.
+    """
+    s, v = curve.steps, curve.values
+    below = np.nonzero(v <= level)[0]
+    if len(below) == 0:
+        return Reach(None)
+    i = int(below[0])
+    if i == 0:
+        return Reach(float(s[0]), censored=True)
+    frac = (v[i - 1] - level) / (v[i - 1] - v[i])  # v[i-1] > level >= v[i]
+    return Reach(float(s[i - 1] + frac * (s[i] - s[i - 1])))
+
+
+def default_levels(vanilla: Curve, max_levels: int = 6) -> list[tuple[float, float]]:
+    """Quality levels from vanilla's seed-mean curve: (level, step it is first reached).
+
+    The running minimum of the curve after its first evaluated step, with repeats and
+    levels not below the first value dropped, thinned to at most `max_levels` evenly
+    spaced ones (the best level, which vanilla reaches last, is always kept).
+    """
+    v = np.minimum.accumulate(vanilla.values)
+    levels: list[tuple[float, float]] = []
+    for i in range(1, len(v)):
+        if v[i] < vanilla.values[0] and (not levels or v[i] < levels[-1][0]):
+            levels.append((float(v[i]), float(vanilla.steps[i])))
+    if len(levels) > max_levels:
+        keep = np.unique(np.round(np.linspace(0, len(levels) - 1, max_levels)).astype(int))
+        levels = [levels[k] for k in keep]
+    return levels
+
+
+def speedups(vanilla: dict[int, Curve], arm: dict[int, Curve], level: float) -> dict:
+    """Speed-up of `arm` over `vanilla` at `level`, on seed means and per seed pair.
+
+    Seeds are paired by their number (same seed = same initialisation and data order in
+    every arm); pairs where either side does not reach the level are counted, not given
+    a number.
+
+    Returns:
+      {'mean_vanilla': Reach, 'mean_arm': Reach, 'mean': float | None (ratio of the
+      seed-mean curves' steps), 'pairs': {seed: float | None}, 'vanilla_missed': [seeds],
+      'arm_missed': [seeds], 'censored': bool (some ratio is a bound; see `Reach`)}.
+    """
+    mv, ma = steps_to_reach(mean_curve(vanilla)[0], level), steps_to_reach(
+        mean_curve(arm)[0], level)
+    out: dict = {"mean_vanilla": mv, "mean_arm": ma, "pairs": {}, "vanilla_missed": [],
+                 "arm_missed": [], "censored": bool(mv.censored or ma.censored)}
+    out["mean"] = (mv.step / ma.step if mv.step is not None and ma.step
+                   else None)
+    for seed in sorted(set(vanilla) & set(arm)):
+        rv, ra = steps_to_reach(vanilla[seed], level), steps_to_reach(arm[seed], level)
+        if rv.step is None:
+            out["vanilla_missed"].append(seed)
+        if ra.step is None:
+            out["arm_missed"].append(seed)
+        ok = rv.step is not None and ra.step
+        out["pairs"][seed] = rv.step / ra.step if ok else None
+        out["censored"] |= bool(ok and (rv.censored or ra.censored))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Output.
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+
+def table(curves: dict[str, dict[int, Curve]]) -> str:
+    """Markdown table: one row per evaluated step, one column per arm, mean ± std (n)."""
+    arms = list(curves)
+    stats = {a: mean_curve(curves[a]) for a in arms}
+    steps = sorted({float(s) for a in arms for s in stats[a][0].steps})
+    lines = ["| step | " + " | ".join(f"`{a}`" for a in arms) + " |",
+             "|---:|" + "---:|" * len(arms)]
+    for s in steps:
+        cells = []
+        for a in arms:
+            mc, std, _, _, count = stats[a]
+            hit = np.nonzero(mc.steps == s)[0]
+            if len(hit) == 0:
+                cells.append("–")
+                continue
+            i = int(hit[0])
+            cells.append(f"{_fmt(mc.values[i])} ± {_fmt(std[i])} (n={count[i]})"
+                         if count[i] > 1 else f"{_fmt(mc.values[i])} (n=1)")
+        lines.append(f"| {int(s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _speedup_cell(sp: dict) -> str:
+    if sp["mean_vanilla"].step is None:
+        return "vanilla does not reach it"
+    if sp["mean_arm"].step is None:
+        head = "not reached"
+    else:
+        head = ("≥ " if sp["mean_arm"].censored else "") + f"{sp['mean']:.2f}×"
+    ratios = [r for r in sp["pairs"].values() if r is not None]
+    parts = []
+    if len(ratios) > 1:
+        parts.append(f"per seed {np.mean(ratios):.2f} ± {np.std(ratios, ddof=1):.2f} "
+                     f"[{min(ratios):.2f}, {max(ratios):.2f}], "
+                     f"{len(ratios)}/{len(sp['pairs'])} pairs")
+    elif ratios:
+        parts.append(f"per seed {ratios[0]:.2f}, 1/{len(sp['pairs'])} pairs")
+    if sp["arm_missed"]:
+        parts.append(f"not reached by seed(s) {', '.join(map(str, sp['arm_missed']))}")
+    if sp["vanilla_missed"]:
+        parts.append(f"vanilla seed(s) {', '.join(map(str, sp['vanilla_missed']))} "
+                     "do not reach it")
+    return head + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def speedup_table(curves: dict[str, dict[int, Curve]], baseline: str,
+                  levels: Sequence[tuple[float, float | None]]) -> str:
+    """Markdown table of speed-ups over `baseline`, one row per level."""
+    others = [a for a in curves if a != baseline]
+    lines = ["| level | vanilla steps (seed mean) | " + " | ".join(f"`{a}`" for a in others)
+             + " |", "|---:|---:|" + "---:|" * len(others)]
+    for level, _ in levels:
+        cells = [_speedup_cell(speedups(curves[baseline], curves[a], level)) for a in others]
+        rv = steps_to_reach(mean_curve(curves[baseline])[0], level)
+        vs = "never" if rv.step is None else f"{rv.step:.0f}"
+        lines.append(f"| {_fmt(level)} | {vs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[str, dict[int, Curve]], path: str, metric: str, sampler: str,
+         title: str = "") -> str:
+    """Metric vs training step: the seed mean of each arm and its min-max band (log y-axis
+    when the values span more than 5x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm, per_seed in curves.items():
+        mc, _, lo, hi, _ = mean_curve(per_seed)
+        (line,) = ax.plot(mc.steps, mc.values, marker="o", ms=3,
+                          label=f"{arm} ({len(per_seed)} seeds)")
+        ax.fill_between(mc.steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    vals = np.concatenate([c.values for per_seed in curves.values() for c in per_seed.values()])
+    if vals.size and vals.min() > 0 and vals.max() / vals.min() > 5:
+        ax.set_yscale("log")  # early values dwarf the differences that matter late
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{metric} ({sampler}; lower is better)")
+    ax.set_title(title or f"{metric} vs steps: mean and min-max over seeds", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pick_metric(rows: Sequence[dict]) -> str:
+    metrics = sorted({r.get("metric") for r in rows if r.get("metric")})
+    if not metrics:
+        raise ValueError("no rows with a 'metric' field")
+    return "fid" if "fid" in metrics else metrics[0]
+
+
+def write_report(root: str, metric: str | None = None, sampler: str = "1step",
+                 baseline: str | None = None, levels: Sequence[float] | None = None,
+                 max_levels: int = 6, out_dir: str | None = None) -> tuple[str, str]:
+    """Writes `report.md` and `curves.png` of a sweep root; returns their paths.
+
+    Args:
+      root: the sweep root.
+      metric: row field to report ('fid', 'fd_pixels'; default: the rows' metric).
+      sampler: '1step' or '2step'.
+      baseline: the vanilla arm (default: the arm named 'assignment.method=none', else
+        the first arm containing it).
+      levels: quality levels of the speed-up (default: `default_levels` of vanilla).
+      max_levels: at most this many default levels.
+      out_dir: where to write (default: `root`).
+
+    Raises:
+      ValueError: no rows, no rows of this metric/sampler, or no baseline arm.
+    """
+    rows = load_rows(root)
+    if not rows:
+        raise ValueError(f"no eval rows under {root} (run the sweep with evaluation first)")
+    metric = metric or _pick_metric(rows)
+    curves = arm_curves(rows, metric, sampler)
+    if not curves:
+        raise ValueError(f"no rows with {metric!r} for sampler {sampler!r} under {root}")
+    if baseline is None:
+        cands = [a for a in curves if a == VANILLA] or [a for a in curves if VANILLA in a]
+        baseline = cands[0] if cands else None
+    if baseline not in curves:
+        raise ValueError(f"no baseline arm {baseline!r}; arms: {list(curves)} "
+                         "(pass --baseline)")
+    curves = {baseline: curves[baseline], **{a: c for a, c in curves.items() if a != baseline}}
+    out_dir = out_dir or root
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot(curves, os.path.join(out_dir, PLOT), metric, sampler)
+    base_mean = mean_curve(curves[baseline])[0]
+    lv = ([(float(x), None) for x in levels] if levels
+          else default_levels(base_mean, max_levels))
+    n_seeds = {a: len(c) for a, c in curves.items()}
+    md = [f"# Sweep report: `{root}`", "",
+          f"Metric `{metric}` (lower is better), sampler `{sampler}`; seeds per arm: "
+          + ", ".join(f"`{a}` {n}" for a, n in n_seeds.items()) + ".", "",
+          f"![{metric} vs steps]({PLOT})", "",
+          "Curves: seed mean, band = min-max over seeds.", "",
+          f"## {metric} at each evaluated step (mean ± std over seeds)", "", table(curves), "",
+          f"## Speed-up over `{baseline}`", "",
+          "Speed-up at a level = steps vanilla needs to reach it / steps the arm needs, "
+          "each read off a curve by linear interpolation between evaluated steps. The "
+          "headline number uses the seed-mean curves; 'per seed' pairs runs of the same "
+          "seed (same initialisation and data order) and gives mean ± std [min, max] of "
+          "those ratios. 'not reached': the arm never gets to the level in the evaluated "
+          "steps. '≥': the arm is already there at its first evaluated step, so the ratio "
+          "is a lower bound."
+          + ("" if levels else " Levels: vanilla's running-best seed-mean value at its "
+             "evaluated steps (the last is the best level vanilla reaches)."), ""]
+    if not lv:
+        md.append("No level to compare at: vanilla's mean curve never improves on its first "
+                  "evaluated value.")
+    elif len(curves) < 2:
+        md.append("Only one arm: nothing to compare.")
+    else:
+        md.append(speedup_table(curves, baseline, lv))
+    path = os.path.join(out_dir, REPORT)
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path, png
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="sweep root")
+    p.add_argument("--metric", default=None, help="fid | fd_pixels (default: the rows')")
+    p.add_argument("--sampler", default="1step", help="1step | 2step")
+    p.add_argument("--baseline", default=None, help=f"vanilla arm (default: {VANILLA})")
+    p.add_argument("--levels", default="",
+                   help="comma-separated quality levels (default: from vanilla's curve)")
+    p.add_argument("--max-levels", type=int, default=6)
+    p.add_argument("--out", default=None, help="output folder (default: --root)")
+    args = p.parse_args(argv)
+    levels = [float(x) for x in args.levels.split(",") if x.strip()] or None
+    try:
+        md, png = write_report(args.root, args.metric, args.sampler, args.baseline, levels,
+                               args.max_levels, args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {md} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

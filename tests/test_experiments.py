@@ -1,0 +1,247 @@
+"""The sweep runner and its report: grid expansion, resume, speed-up, Markdown and PNG.
+
+No training here: finished runs are faked with a checkpoint folder and an eval.jsonl.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import report, sweep
+
+QUICKSTART = "configs/quickstart.py"
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    monkeypatch.chdir(ROOT_DIR)  # config paths are relative to the repository
+
+
+# ----------------------------------------------------------------------------------------
+# Grid expansion and commands.
+
+
+def test_expand_cartesian_seed_major(tmp_path):
+    grid = sweep.parse_grid(["assignment.method=none,linear,knn", "assignment.k=2,4"])
+    runs = sweep.expand(grid, sweep.parse_seeds("0,1"), str(tmp_path),
+                        ["training.n_iters=600"])
+    assert len(runs) == 3 * 2 * 2
+    assert [r.seed for r in runs] == [0] * 6 + [1] * 6  # every arm of seed 0 first
+    assert len({r.workdir for r in runs}) == 12
+    first = runs[0]
+    assert first.arm == "assignment.method=none,assignment.k=2"
+    assert first.workdir == os.path.join(str(tmp_path), first.arm, "seed0")
+    assert first.overrides == ("training.n_iters=600", "assignment.method=none",
+                               "assignment.k=2", "training.seed=0")
+    assert {r.arm for r in runs} == {f"assignment.method={m},assignment.k={k}"
+                                     for m in ("none", "linear", "knn") for k in (2, 4)}
+
+
+def test_expand_without_grid_and_seed_ranges(tmp_path):
+    runs = sweep.expand([], sweep.parse_seeds("0-2"), str(tmp_path))
+    assert [(r.arm, r.seed) for r in runs] == [("default", 0), ("default", 1), ("default", 2)]
+
+
+@pytest.mark.parametrize("items", [["assignment.method"], ["=a,b"], ["x=a", "x=b"]])
+def test_parse_grid_rejects(items):
+    with pytest.raises(ValueError):
+        sweep.parse_grid(items)
+
+
+def test_expand_rejects_conflicts(tmp_path):
+    grid = sweep.parse_grid(["assignment.method=none,knn"])
+    with pytest.raises(ValueError, match="both swept"):
+        sweep.expand(grid, [0], str(tmp_path), ["assignment.method=linear"])
+    with pytest.raises(ValueError, match="--seeds"):
+        sweep.expand([], [0], str(tmp_path), ["training.seed=3"])
+    with pytest.raises(ValueError):
+        sweep.parse_seeds("0,0")
+
+
+def test_commands_and_config_resolution(tmp_path):
+    run = sweep.expand(sweep.parse_grid(["assignment.method=knn"]), [1], str(tmp_path),
+                       ["training.n_iters=600"])[0]
+    cmd = sweep.train_command(QUICKSTART, run, "python", "main.py")
+    assert cmd[:8] == ["python", "main.py", "--config", QUICKSTART, "--workdir", run.workdir,
+                       "--mode", "train"]
+    assert "--config.assignment.method=knn" in cmd and "--config.training.seed=1" in cmd
+    assert sweep.eval_command(QUICKSTART, run, "python", "main.py")[7] == "eval"
+    cfg = sweep.resolve_config(QUICKSTART, run.overrides)
+    assert (cfg.training.n_iters, cfg.assignment.method, cfg.training.seed) == (600, "knn", 1)
+    with pytest.raises(ValueError):
+        sweep.resolve_config(QUICKSTART, ["assignment.metod=knn"])
+
+
+def test_snapshot_warning():
+    cfg = sweep.resolve_config(QUICKSTART, ["training.snapshot_every=100"])  # 800 steps
+    assert "keep_snapshots=8" in sweep.snapshot_warning(cfg)
+    cfg = sweep.resolve_config(QUICKSTART, ["training.snapshot_every=100",
+                                            "training.keep_snapshots=8"])
+    assert sweep.snapshot_warning(cfg) is None
+
+
+def test_print_only(tmp_path, capsys):
+    rc = sweep.main(["--config", QUICKSTART, "--grid", "assignment.method=none,linear",
+                     "--seeds", "0,1", "--root", str(tmp_path), "--print-only"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 2 * 2 * 2  # train + eval per run
+    assert all(line.startswith("python main.py --config") for line in lines)
+    assert not os.listdir(tmp_path)  # nothing ran
+
+
+# ----------------------------------------------------------------------------------------
+# Resume: finished runs are skipped, unfinished ones (re)started.
+
+
+def _fake_finished(workdir: str, n_iters: int, samplers=("1step",), n=16, trained=True,
+                   evaluated=True) -> None:
+    if trained:
+        os.makedirs(os.path.join(workdir, "checkpoints", str(n_iters)))
+    else:
+        os.makedirs(workdir, exist_ok=True)
+    if evaluated:
+        with open(os.path.join(workdir, "eval.jsonl"), "w") as f:
+            for s in samplers:
+                f.write(json.dumps({"step": n_iters, "sampler": s, "n": n,
+                                    "metric": "fd_pixels", "fd_pixels": 1.0}) + "\n")
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    sets = ["training.n_iters=8", "eval.n_samples=16", "eval.samplers=('1step',)"]
+    runs = sweep.expand(sweep.parse_grid(["assignment.method=none,linear,knn"]), [0],
+                        str(tmp_path), sets)
+    _fake_finished(runs[0].workdir, 8)  # done
+    _fake_finished(runs[1].workdir, 8, evaluated=False)  # trained, not evaluated
+    _fake_finished(runs[2].workdir, 4)  # evaluated at an earlier step only: unfinished
+    calls: list[tuple[str, str]] = []
+
+    def execute(cmd):
+        calls.append((cmd[cmd.index("--mode") + 1], cmd[cmd.index("--workdir") + 1]))
+        return 0
+
+    out = sweep.run_sweep(QUICKSTART, runs, execute=execute, log=lambda _: None)
+    assert out["skipped"] == [runs[0]]
+    assert out["ran"] == runs[1:]
+    assert calls == [("eval", runs[1].workdir), ("train", runs[2].workdir),
+                     ("eval", runs[2].workdir)]
+    cfg = sweep.resolve_config(QUICKSTART, runs[0].overrides)
+    assert sweep.is_done(runs[0], cfg) and not sweep.is_done(runs[2], cfg)
+    assert sweep.is_done(runs[1], cfg, evaluate=False)
+
+    path = sweep.collect(runs, str(tmp_path))
+    rows = [json.loads(line) for line in open(path)]
+    assert {(r["arm"], r["seed"], r["step"]) for r in rows} == {
+        ("assignment.method=none", 0, 8), ("assignment.method=knn", 0, 4)}
+
+
+def test_failed_run_is_reported_and_the_sweep_goes_on(tmp_path):
+    runs = sweep.expand(sweep.parse_grid(["assignment.method=none,knn"]), [0], str(tmp_path),
+                        ["training.n_iters=8"])
+    out = sweep.run_sweep(QUICKSTART, runs, execute=lambda cmd: 1, log=lambda _: None)
+    assert out["failed"] == runs and not out["ran"]
+
+
+def test_injected_done_check(tmp_path):
+    runs = sweep.expand([], [0, 1], str(tmp_path))
+    calls = []
+    out = sweep.run_sweep(QUICKSTART, runs, evaluate=False, done=lambda r, c: r.seed == 0,
+                          execute=lambda cmd: calls.append(cmd) or 0, log=lambda _: None)
+    assert out["skipped"] == runs[:1] and len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Speed-up on synthetic curves.
+
+
+def _curve(steps, values):
+    return report.Curve(np.asarray(steps, float), np.asarray(values, float))
+
+
+def test_steps_to_reach_interpolates():
+    c = _curve([0, 100, 200], [10, 6, 2])
+    assert report.steps_to_reach(c, 4).step == pytest.approx(150)
+    assert report.steps_to_reach(c, 6).step == pytest.approx(100)
+    assert report.steps_to_reach(c, 1).step is None
+    r = report.steps_to_reach(c, 10)
+    assert r.step == 0 and r.censored
+
+
+def test_speedup_of_a_curve_compressed_twice_in_steps():
+    steps = np.arange(0, 1001, 100)
+    f = lambda s: 50 * np.exp(-s / 300) + 5  # decreasing quality curve
+    vanilla = {k: _curve(steps, f(steps) + 0.1 * k) for k in range(3)}
+    fast = {k: _curve(steps, f(2 * steps) + 0.1 * k) for k in range(3)}  # 2x fewer steps
+    # A level reached well inside both curves: interpolation error is small.
+    sp = report.speedups(vanilla, fast, level=f(800))
+    assert sp["mean"] == pytest.approx(2.0, rel=0.05)
+    assert all(r == pytest.approx(2.0, rel=0.05) for r in sp["pairs"].values())
+    assert not sp["arm_missed"] and not sp["censored"]
+    # Exactly linear pieces: the answer is exact.
+    lin_v = {0: _curve([0, 200, 400], [10, 6, 2])}
+    lin_a = {0: _curve([0, 100, 200], [10, 6, 2])}
+    assert report.speedups(lin_v, lin_a, 4)["mean"] == pytest.approx(2.0)
+
+
+def test_speedup_never_reached():
+    vanilla = {0: _curve([0, 100, 200], [10, 6, 2]), 1: _curve([0, 100, 200], [10, 5, 3])}
+    slow = {0: _curve([0, 100, 200], [10, 9, 8]), 1: _curve([0, 100, 200], [10, 6, 3])}
+    sp = report.speedups(vanilla, slow, level=3)
+    assert sp["mean"] is None and sp["mean_arm"].step is None
+    assert sp["arm_missed"] == [0] and sp["pairs"][0] is None
+    assert sp["pairs"][1] == pytest.approx(1.0)
+    assert report._speedup_cell(sp).startswith("not reached")
+
+
+def test_default_levels_follow_vanillas_running_best():
+    levels = report.default_levels(_curve([0, 100, 200, 300, 400], [10, 7, 8, 5, 5]))
+    assert levels == [(7.0, 100.0), (5.0, 300.0)]
+    many = report.default_levels(_curve(np.arange(20), 20 - np.arange(20.0)), max_levels=4)
+    assert len(many) == 4 and many[-1] == (1.0, 19.0)
+
+
+# ----------------------------------------------------------------------------------------
+# The report on a tiny fake sweep.
+
+
+def _fake_sweep(root: str) -> None:
+    steps = [100, 200, 300, 400]
+    speed = {"assignment.method=none": 1.0, "assignment.method=linear": 2.0,
+             "assignment.method=knn": 0.5}
+    for arm, k in speed.items():
+        for seed in range(3):
+            wd = os.path.join(root, arm, f"seed{seed}")
+            os.makedirs(wd)
+            with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+                for s in steps:
+                    for sampler, off in (("1step", 0.0), ("2step", -1.0)):
+                        v = 40 * np.exp(-k * s / 200) + 2 + off + 0.2 * seed
+                        f.write(json.dumps({"step": s, "sampler": sampler, "n": 64,
+                                            "metric": "fd_pixels", "fd_pixels": v,
+                                            "is": None}) + "\n")
+
+
+def test_report_writes_png_and_tables(tmp_path):
+    root = str(tmp_path)
+    _fake_sweep(root)
+    md_path, png = report.write_report(root)
+    assert os.path.getsize(png) > 1000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = open(md_path).read()
+    assert "![fd_pixels vs steps](curves.png)" in md
+    for s in (100, 200, 300, 400):
+        assert f"| {s} | " in md
+    assert "(n=3)" in md and "## Speed-up over `assignment.method=none`" in md
+    assert "not reached" in md  # knn is slower: it misses vanilla's best level
+    assert "×" in md  # linear reaches it: a number
+    # 2step rows and an explicit level.
+    md2, _ = report.write_report(root, sampler="2step", levels=[10.0], out_dir=str(tmp_path / "o"))
+    assert "| 10 |" in open(md2).read()
+
+
+def test_report_cli_errors(tmp_path, capsys):
+    assert report.main(["--root", str(tmp_path)]) == 2
+    assert "no eval rows" in capsys.readouterr().err
