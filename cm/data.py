@@ -244,8 +244,9 @@ def _load_tfds_by_name(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
             source = None  # not prepared: load_tfds_with_labels explains
         if source is not None and (cfg.stream == "always" or streaming.too_large(
                 len(source), shape, cfg.max_memory_gb)):
-            # Streaming keeps only the images lazy; labels would need a full pass.
-            return streaming.source_images(source, shape, transform), None
+            # Labels are read on access too (each read decodes the whole example).
+            labels = streaming.LazyLabels(source) if "label" in source[0] else None
+            return streaming.source_images(source, shape, transform), labels
     return load_tfds_with_labels(name, cfg.split, cfg.data_dir, transform=transform)
 
 
@@ -306,7 +307,8 @@ class Batcher:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.images = images  # uint8 [N, H, W, C]
-        self.labels = None if labels is None else np.asarray(labels, np.int32)  # [N]
+        self.labels = labels if labels is None or not isinstance(labels, np.ndarray | list) else (
+            np.asarray(labels, np.int32))  # [N]; a streamed dataset's labels stay lazy
         self.global_batch = global_batch
         self.host_batch = global_batch // process_count
         self.seed = seed

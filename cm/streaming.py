@@ -100,5 +100,31 @@ def source_images(source, image_shape: tuple[int, int, int],
     return LazyImages(len(source), image_shape, read)
 
 
+class LazyLabels:
+    """Int labels `[N]` of a random-access source, read on access (index arrays only)."""
+
+    dtype = np.dtype(np.int32)
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self._source),)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx))
+        return np.asarray([int(self._source[int(i)]["label"]) for i in idx], np.int32)
+
+    def min(self) -> int:  # bounds checks read every label once
+        return int(self[np.arange(len(self))].min())
+
+    def max(self) -> int:
+        return int(self[np.arange(len(self))].max())
+
+
 def too_large(n: int, image_shape: tuple[int, int, int], max_gb: float) -> bool:
     return n * int(np.prod(image_shape)) > max_gb * 2**30

@@ -71,7 +71,7 @@ def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
     if labels is None:
         raise data.DatasetError(f"model.num_classes={num_classes} but dataset "
                                 f"{config.data.name!r} has no labels")
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if isinstance(labels, np.ndarray) and (labels.min() < 0 or labels.max() >= num_classes):
         raise data.DatasetError(f"labels span [{labels.min()}, {labels.max()}] but "
                                 f"model.num_classes={num_classes}")
     return labels

@@ -73,3 +73,16 @@ def test_streamed_tfds_equals_loaded_tfds():
         lazy, _ = data.load_dataset(data.DataConfig(**cfg, stream="always"))
         assert isinstance(lazy, streaming.LazyImages)
         np.testing.assert_array_equal(lazy[np.array([4, 0, 2])], eager[[4, 0, 2]])
+
+
+def test_streamed_tfds_keeps_its_labels():
+    cfg = dict(name="tfds:cifar10", image_size=8, num_channels=3)
+    with tfds.testing.mock_data(num_examples=6):
+        eager, labels = data.load_dataset(data.DataConfig(**cfg, stream="never"))
+        lazy, lazy_labels = data.load_dataset(data.DataConfig(**cfg, stream="always"))
+        idx = np.array([5, 1, 3])
+        np.testing.assert_array_equal(lazy_labels[idx], labels[idx])
+        a = data.Batcher(eager, 4, seed=0, labels=labels).batch(1)
+        b = data.Batcher(lazy, 4, seed=0, labels=lazy_labels).batch(1)
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["x"], b["x"])
