@@ -48,11 +48,6 @@ def load_digits_labels() -> np.ndarray:
     return _load().target.astype(np.int32)
 
 
-def load_npz(path: str) -> np.ndarray:
-    """Images from a user's `.npz` (array `images` or `x`), uint8 NHWC or NHW."""
-    return load_npz_with_labels(path)[0]
-
-
 def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`)."""
     if not os.path.exists(path):
@@ -132,11 +127,6 @@ def _read_source(source, transform: Callable[[np.ndarray], np.ndarray] | None = 
     if images is None:
         raise DatasetError("the dataset split is empty")
     return images, (labels if has_labels else None)
-
-
-def load_tfds(name: str, split: str, data_dir: str = "") -> np.ndarray:
-    """A prepared TFDS image dataset as uint8 `[N, H, W, C]` (see `load_tfds_with_labels`)."""
-    return load_tfds_with_labels(name, split, data_dir)[0]
 
 
 def load_tfds_with_labels(name: str, split: str, data_dir: str = "",
@@ -307,8 +297,9 @@ class Batcher:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.images = images  # uint8 [N, H, W, C]
-        self.labels = labels if labels is None or not isinstance(labels, np.ndarray | list) else (
-            np.asarray(labels, np.int32))  # [N]; a streamed dataset's labels stay lazy
+        # [N] int32; a streamed dataset's labels (cm.streaming.LazyLabels) stay lazy.
+        self.labels = np.asarray(labels, np.int32) if isinstance(labels, np.ndarray | list) \
+            else labels
         self.global_batch = global_batch
         self.host_batch = global_batch // process_count
         self.seed = seed
