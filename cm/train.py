@@ -115,18 +115,33 @@ class Setup:
         return jax.jit(make, out_shardings=self.replicated)()
 
     def sampler(self, ts):
-        """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid)."""
-        ts = tuple(float(t) for t in ts)
-        cache_key, sample_fn = ts, None
+        """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid).
+
+        For an EDM run, the ODE solver of `sample.solver` / `sample.steps` instead.
+        """
         if self.cm.loss == "edm":  # a diffusion model: an ODE solver, not times `ts`
-            solver, steps = self.config.sample.solver, self.config.sample.steps
-            cache_key = (solver, steps)
-            sample_fn = functools.partial(_edm_sample, solver=solver, steps=steps)
-        if cache_key not in self._samplers:
-            self._samplers[cache_key] = sampling.make_sampler(
+            return self.ode_sampler(self.config.sample.solver, self.config.sample.steps)
+        ts = tuple(float(t) for t in ts)
+        if ts not in self._samplers:
+            self._samplers[ts] = sampling.make_sampler(
                 self.apply_fn, self.cm, self.mesh, self.image_shape, ts,
+                self.config.model.num_classes)
+        return self._samplers[ts]
+
+    def ode_sampler(self, solver: str, steps: int):
+        """The jitted EDM ODE sampler (heun | euler, `steps` Karras times), built once."""
+        cache_key = (solver, int(steps))
+        if cache_key not in self._samplers:
+            sample_fn = functools.partial(_edm_sample, solver=solver, steps=int(steps))
+            self._samplers[cache_key] = sampling.make_sampler(
+                self.apply_fn, self.cm, self.mesh, self.image_shape,
+                tuple(float(t) for t in self.ode_times(steps)),
                 self.config.model.num_classes, sample_fn=sample_fn)
         return self._samplers[cache_key]
+
+    def ode_times(self, steps: int) -> np.ndarray:
+        """The Karras times of a `steps`-step ODE sampler, ending with 0."""
+        return edm.karras_steps(int(steps), self.cm.sigma_min, self.cm.sigma_max, self.cm.rho)
 
     def round_batch(self, n: int) -> int:
         d = jax.device_count()

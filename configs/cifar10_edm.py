@@ -28,4 +28,5 @@ def get_config(arg: str | None = None):
     config.training.ema_rates = (0.9999,)
     config.sample.solver = "heun"
     config.sample.steps = 18
+    config.eval.samplers = ("heun18",)  # --mode eval: also e.g. euler50 (DDIM-like)
     return base.shrink(config) if arg == "smoke" else config

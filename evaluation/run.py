@@ -36,17 +36,34 @@ from evaluation.progress import (
     row_key,
 )
 
-__all__ = ["EVAL_DIR", "RESULTS", "EvalConfig", "SAMPLERS", "evaluate", "progress_dirs",
-           "read_results", "reference_stats", "round_features", "round_key", "select_steps"]
+__all__ = ["EVAL_DIR", "RESULTS", "EvalConfig", "SAMPLERS", "evaluate", "network_calls",
+           "parse_ode_sampler", "progress_dirs", "read_results", "reference_stats", "round_features", "round_key", "select_steps"]
 
 IS_SPLITS = 10
 _EVAL_TAG = 0x6576616C  # separates the evaluation noise from the training run's sample keys
 
-# Sampler name -> its descending times, from (sigma_max, eval.two_step_t).
+# Consistency-model sampler name -> its descending times, from (sigma_max, eval.two_step_t).
 SAMPLERS: dict[str, Callable[[float, float], tuple[float, ...]]] = {
     "1step": lambda sigma_max, t: (sigma_max,),
     "2step": lambda sigma_max, t: (sigma_max, t),
 }
+# Diffusion (EDM) runs: '<solver><steps>', e.g. 'heun18' (35 network calls) or 'euler50'.
+ODE_SAMPLER = re.compile(r"^(heun|euler)([1-9]\d*)$")
+
+
+def parse_ode_sampler(name: str) -> tuple[str, int] | None:
+    """('heun', 18) for 'heun18'; None for a name that is not an ODE sampler."""
+    m = ODE_SAMPLER.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def network_calls(name: str) -> int:
+    """Network evaluations (NFE) per image of a sampler name."""
+    ode = parse_ode_sampler(name)
+    if ode is None:
+        return len(SAMPLERS[name](0.0, 0.0))
+    solver, steps = ode
+    return 2 * steps - 1 if solver == "heun" else steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +88,26 @@ class EvalConfig:
         kw["steps"] = str(kw["steps"])  # '--config.eval.steps=1000' may arrive as an int
         return cls(**kw)
 
-    def validate(self) -> None:
+    def validate(self, diffusion: bool = False) -> None:
+        """Checks the section; `diffusion`: the run is an EDM model (ODE sampler names)."""
         if self.n_samples < 2:
             raise ValueError(f"eval.n_samples must be >= 2 (a covariance), got {self.n_samples}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be positive, got {self.batch_size}")
+        if diffusion:
+            bad = [s for s in self.samplers if parse_ode_sampler(s) is None]
+            if bad or not self.samplers:
+                raise ValueError(
+                    f"eval.samplers {self.samplers}: this is an EDM (diffusion) run, whose "
+                    "samplers are ODE solvers named '<solver><steps>' with solver heun or "
+                    "euler, e.g. --config.eval.samplers='(\"heun18\",)'")
+            return
         bad = [s for s in self.samplers if s not in SAMPLERS]
         if bad or not self.samplers:
+            hint = (" (heunN / eulerN samplers are for EDM runs)"
+                    if any(parse_ode_sampler(s) for s in bad) else "")
             raise ValueError(f"eval.samplers {self.samplers}: expected names from "
-                             f"{sorted(SAMPLERS)}")
+                             f"{sorted(SAMPLERS)}{hint}")
 
     def feature_options(self, batch_size: int | None = None) -> features_lib.Options:
         """Extractor options; `batch_size` (images per forward pass) defaults to eval's."""
@@ -234,9 +262,11 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
     `eval.samplers`, draws `eval.n_samples` images with the EMA parameters
     `sample.ema_index`, in rounds of `eval.batch_size` (rounded up to a multiple of the
     device count), and appends a row to `<run_dir>/eval.jsonl`:
-    `{"step", "sampler", "ts", "n", "metric", <metric>: distance, "is", "is_std"}` with
-    metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
-    already there (same step, sampler, times, n and metric) are not recomputed.
+    `{"step", "sampler", "ts", "nfe", "n", "metric", <metric>: distance, "is", "is_std"}`
+    with metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
+    already there (same step, sampler, times, n and metric) are not recomputed. For an
+    EDM run the samplers are ODE solvers ('heun18', 'euler50'; `ts` records their
+    Karras times) instead of consistency samplers ('1step', '2step').
 
     Args:
       run_dir: a training workdir.
@@ -248,12 +278,9 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
       The rows of the chosen (step, sampler) pairs that are complete, in order.
     """
     saved = workdir.load_config(run_dir)
-    if saved.cm.loss == "edm":
-        raise ValueError("--mode eval does not handle EDM (diffusion) runs yet: its 1step / "
-                         "2step samplers are consistency samplers. Use --mode sample "
-                         "(sample.solver, sample.steps) for EDM samples.")
+    diffusion = saved.cm.loss == "edm"
     ev = _eval_settings(saved, config)
-    ev.validate()
+    ev.validate(diffusion)
     data_cfg = data.DataConfig.from_config(saved)
     ckpt = checkpoints.Checkpointer(run_dir)
     try:
@@ -268,9 +295,15 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
-        ts_of = {s: tuple(float(t) for t in SAMPLERS[s](setup.cm.sigma_max, ev.two_step_t))
-                 for s in ev.samplers}
-        samplers = {s: setup.sampler(ts) for s, ts in ts_of.items()}
+        if diffusion:  # ts: the Karras times of the ODE solver, for the record
+            ts_of = {s: tuple(float(t) for t in setup.ode_times(parse_ode_sampler(s)[1]))
+                     for s in ev.samplers}
+            samplers = {s: setup.ode_sampler(*parse_ode_sampler(s)) for s in ev.samplers}
+        else:
+            ts_of = {s: tuple(float(t) for t in SAMPLERS[s](setup.cm.sigma_max,
+                                                              ev.two_step_t))
+                     for s in ev.samplers}
+            samplers = {s: setup.sampler(ts) for s, ts in ts_of.items()}
         done = {row_key(r): r for r in read_results(run_dir)}
         budget = [math.inf if max_rounds is None else max_rounds]
         rows: list[dict] = []
@@ -339,5 +372,5 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
     if logits is not None:
         is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
     return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
-            "n": spec["n"], "metric": feats.metric, feats.metric: value, "is": is_mean,
+            "nfe": network_calls(spec["sampler"]), "n": spec["n"], "metric": feats.metric, feats.metric: value, "is": is_mean,
             "is_std": is_std}

@@ -88,8 +88,37 @@ def test_edm_config_trains_and_samples(tmp_path):
         assert f["images"].shape == (4, 8, 8, 1)
     from evaluation import run as eval_run
 
-    with pytest.raises(ValueError, match="EDM"):
-        eval_run.evaluate(str(tmp_path))
+    # --mode eval: ODE samplers by name; consistency sampler names are refused.
+    ev = workdir.load_config(str(tmp_path))
+    assert tuple(ev.eval.samplers) == ("heun18",)  # cifar10_edm's default
+    ev.eval.samplers = ("1step", "2step")
+    with pytest.raises(ValueError, match="heun18"):
+        eval_run.evaluate(str(tmp_path), ev)
+    ev.eval.samplers, ev.eval.n_samples, ev.eval.batch_size = ("heun2", "euler3"), 8, 8
+    ev.eval.stats_path = str(tmp_path / "ref.npz")
+    rows = eval_run.evaluate(str(tmp_path), ev)
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("heun2", 3), ("euler3", 3)]
+    assert rows[0]["ts"] == pytest.approx(list(edm.karras_steps(2, 0.002, 80.0, 7.0)))
+    assert len(rows[1]["ts"]) == 4
+    assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] > 0 for r in rows)
+    assert rows[0]["fd_pixels"] != rows[1]["fd_pixels"]
+    assert eval_run.evaluate(str(tmp_path), ev) == rows  # done rows are not recomputed
+
+
+def test_eval_sampler_names_follow_the_kind_of_model():
+    from evaluation import run as eval_run
+
+    assert eval_run.parse_ode_sampler("heun18") == ("heun", 18)
+    assert eval_run.parse_ode_sampler("euler0") is None
+    assert eval_run.parse_ode_sampler("2step") is None
+    assert [eval_run.network_calls(s) for s in ("1step", "2step", "heun18", "euler50")] == [
+        1, 2, 35, 50]
+    ev = eval_run.EvalConfig(samplers=("heun18",))
+    ev.validate(diffusion=True)
+    with pytest.raises(ValueError, match="for EDM runs"):
+        ev.validate()
+    with pytest.raises(ValueError, match="ODE solvers"):
+        eval_run.EvalConfig(samplers=("1step",)).validate(diffusion=True)
 
 
 def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
