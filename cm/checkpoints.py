@@ -13,7 +13,6 @@ GCS FUSE mount on TPU VMs).
 import os
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -76,9 +75,3 @@ class Checkpointer:
         self.snapshots.close()
         self.resume.close()
 
-
-def abstract_like(state: PyTree) -> PyTree:
-    """ShapeDtypeStructs (with shardings) of a concrete or abstract state."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        state)

@@ -5,6 +5,8 @@ ahead of the device; the device path leaves the host batch alone and returns a
 jittable function that the train step applies to each device's shard.
 """
 
+from collections.abc import Callable
+
 import jax
 import ml_collections
 
@@ -39,11 +41,15 @@ def check_assignment_config(a: ml_collections.ConfigDict) -> None:
 
 
 def make_input(config: ml_collections.ConfigDict, batcher: data.Batcher, start_step: int,
-               num_local_devices: int) -> assignment.Pipeline:
-    """The iterator of host batches from `start_step`, as a context manager.
+               num_local_devices: int, place: Callable[[dict], dict] | None = None,
+               ) -> assignment.Pipeline:
+    """The iterator of batches from `start_step`, as a context manager.
 
-    Each item is a dict with `x`, `z` (assigned on the host path) and the scalar
-    diagnostics `assignment/...` (see `assignment.split_diagnostics`).
+    Each item is a dict with `x`, `z` (assigned on the host path), `label` if the data
+    has labels, and the scalar diagnostics `assignment/...` (see
+    `assignment.split_diagnostics`). `place(arrays) -> arrays`, e.g. `shard_batch` onto
+    the mesh, runs in the pipeline's thread too, so the host-to-device copy of the next
+    batches overlaps the current step instead of delaying its dispatch.
     """
     a = config.assignment
     method = a.method if a.where == "host" else "none"
@@ -52,8 +58,19 @@ def make_input(config: ml_collections.ConfigDict, batcher: data.Batcher, start_s
         scale=a.scale, k=a.k, solver=a.solver, seed=config.training.seed,
         process_index=jax.process_index(),
         group_key="label" if a.within_class and method != "none" else None)
+    if place is not None:
+        batch_fn = _then_place(batch_fn, place)
     return assignment.Pipeline(batcher(start_step), batch_fn, start_step=start_step,
                                prefetch=a.prefetch)
+
+
+def _then_place(batch_fn, place):
+    def fn(batch: dict, step: int) -> dict:
+        out = batch_fn(batch, step)
+        arrays, _ = assignment.split_diagnostics(out)
+        return {**out, **place(arrays)}
+
+    return fn
 
 
 def device_assign_fn(a: ml_collections.ConfigDict):

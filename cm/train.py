@@ -189,17 +189,18 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     setup = Setup(config)
     t = config.training
 
-    state = setup.init_state()
-    n_params = model.count_params(state.params)
-    logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
-                 n_params / 1e6)
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
     start = ckpt.latest_step() or 0
-    if start:
-        state = ckpt.restore(checkpoints.abstract_like(state))
+    if start:  # restored onto the abstract state: no initialisation to compile and discard
+        state = ckpt.restore(setup.abstract_state())
         logging.info("resumed from step %d in %s", start, run_dir)
+    else:
+        state = setup.init_state()
+    n_params = model.count_params(state.params)
+    logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
+                 n_params / 1e6)
     if is_main:
         if changed:
             logging.warning("config differs from the saved one in: %s", ", ".join(changed))
@@ -240,18 +241,20 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         return values
 
     try:
-        with input_pipeline.make_input(config, batcher, start, jax.local_device_count()) as inputs:
+        place = functools.partial(train_step.shard_batch, mesh=setup.mesh)
+        with input_pipeline.make_input(config, batcher, start, jax.local_device_count(),
+                                       place) as inputs:
             t_log, waited_log = time.perf_counter(), 0.0
             diag_acc: dict[str, list[float]] = {}
             step = prev_log = start
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
             while step < end:
                 t0 = time.perf_counter()
-                host, diagnostics = assignment.split_diagnostics(next(inputs))
+                batch, diagnostics = assignment.split_diagnostics(next(inputs))  # on device
                 waited_log += time.perf_counter() - t0
                 for k, v in diagnostics.items():
                     diag_acc.setdefault(k, []).append(float(v))
-                state, metrics = step_fn(state, train_step.shard_batch(host, setup.mesh), teacher)
+                state, metrics = step_fn(state, batch, teacher)
                 step += 1
                 pending.append((step, metrics["loss"]))
                 window_losses.append(metrics["loss"])

@@ -37,7 +37,8 @@ from evaluation.progress import (
 )
 
 __all__ = ["EVAL_DIR", "RESULTS", "EvalConfig", "SAMPLERS", "evaluate", "network_calls",
-           "parse_ode_sampler", "progress_dirs", "read_results", "reference_stats", "round_features", "round_key", "select_steps"]
+           "parse_ode_sampler", "progress_dirs", "read_results", "reference_stats",
+           "round_features", "round_key", "select_steps"]
 
 IS_SPLITS = 10
 _EVAL_TAG = 0x6576616C  # separates the evaluation noise from the training run's sample keys
@@ -372,5 +373,5 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
     if logits is not None:
         is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
     return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
-            "nfe": network_calls(spec["sampler"]), "n": spec["n"], "metric": feats.metric, feats.metric: value, "is": is_mean,
-            "is_std": is_std}
+            "nfe": network_calls(spec["sampler"]), "n": spec["n"], "metric": feats.metric,
+            feats.metric: value, "is": is_mean, "is_std": is_std}

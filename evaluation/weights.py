@@ -39,7 +39,7 @@ _MANIFEST_KEY = "__manifest__"
 
 
 class WeightsError(RuntimeError):
-    """The Inception weights are missing, corrupt, or not pytorch-fid's."""
+    """Weights (the FID Inception's, LPIPS's) are missing, corrupt, or not the expected ones."""
 
 
 def _where_to_get(target: Path | None = None) -> str:
@@ -75,16 +75,20 @@ def download_weights(
     url: str = FID_WEIGHTS_URL,
     name: str = FID_WEIGHTS_NAME,
     sha256_prefix: str | None = FID_WEIGHTS_SHA256_PREFIX,
+    what: str = "pytorch-fid's weights",
+    where_to_get: str = "",
 ) -> Path:
     """The cached weights file, downloaded first if absent; its hash is checked each time.
 
     The download goes to a temporary file in the cache directory and is renamed only
     once its hash is right, so an interrupted download never leaves a bad file behind.
+    `what` and `where_to_get` word the errors (defaults: the FID Inception's).
 
     Raises:
       WeightsError: no network, or the file (downloaded or cached) has the wrong hash.
     """
     target = Path(cache_dir).expanduser() / name
+    hint = where_to_get or _where_to_get(target)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=name + ".", suffix=".part")
@@ -97,23 +101,28 @@ def download_weights(
             if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
                 raise WeightsError(
                     f"downloaded {url} but its sha256 {h.hexdigest()[:16]}... does not start "
-                    f"with {sha256_prefix}. {_where_to_get(target)}"
+                    f"with {sha256_prefix}. {hint}"
                 )
             os.replace(tmp, target)
         except (urllib.error.URLError, OSError) as e:
-            raise WeightsError(f"could not download {url} ({e}). {_where_to_get(target)}") from e
+            raise WeightsError(f"could not download {url} ({e}). {hint}") from e
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    _check_hash(target, sha256_prefix)
+    _check_hash(target, sha256_prefix, what, hint)
     return target
 
 
-def _check_hash(path: Path, sha256_prefix: str | None) -> None:
+def _check_hash(
+    path: Path,
+    sha256_prefix: str | None,
+    what: str = "pytorch-fid's weights",
+    where_to_get: str = "",
+) -> None:
     if sha256_prefix and not sha256_file(path).startswith(sha256_prefix):
         raise WeightsError(
-            f"{path} is corrupt or not pytorch-fid's weights: its sha256 does not start with "
-            f"{sha256_prefix}. Delete it. {_where_to_get(path)}"
+            f"{path} is corrupt or not {what}: its sha256 does not start with "
+            f"{sha256_prefix}. Delete it. {where_to_get or _where_to_get(path)}"
         )
 
 
