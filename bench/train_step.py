@@ -2,11 +2,20 @@
 
   python -m bench.train_step --config configs/cifar10_ct.py --steps 50
   python -m bench.train_step --config configs/quickstart.py --config.training.batch_size=128
+  python -m bench.train_step --config configs/cifar10_cd.py   # CD: a random teacher
+  python -m bench.train_step --config configs/cifar10_ct.py --config.cm.metric=pseudo_huber
 
 Prints steps/s and images/s after compilation (median of timed windows), the model
 FLOPs per step from XLA's cost analysis, and, on a GPU whose peak is known, the
 fraction of peak reached. Data and noise are random arrays already on the device,
-so this measures the step alone (the input pipeline is measured by bench/assignment.py).
+so this measures the step alone (the input pipeline is measured by
+bench/train_throughput.py). The step is the one `cm.train` builds (same `Setup`, same
+keys), so a persistent compilation cache shares it with the throughput benchmark.
+
+Where the step's time goes (`--breakdown`, on by default): the optimiser + EMA
+update alone (`train_step.apply_updates`, jitted on its own over the real parameter
+tree), and one host-to-device copy of a global batch (what the input thread now
+overlaps with the step), each as a fraction of the step.
 """
 
 import time
@@ -16,12 +25,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cm import consistency, model, train_step
+from cm import model, train, train_step
 
 config_flags.DEFINE_config_file("config", "configs/cifar10_ct.py", "Config file.",
                                 lock_config=True)
 flags.DEFINE_integer("steps", 30, "Timed steps per window.")
 flags.DEFINE_integer("windows", 3, "Timed windows (the median is reported).")
+flags.DEFINE_bool("breakdown", True, "Also time the update alone and the batch transfer.")
 FLAGS = flags.FLAGS
 
 # Dense bf16 / fp32 peak FLOP/s of common accelerators (vendor figures, no sparsity).
@@ -40,61 +50,99 @@ def peak_for(device, dtype: str) -> float | None:
     return None
 
 
-def benchmark(config, steps: int, windows: int) -> dict:
-    cm_cfg = consistency.CMConfig.from_config(config)
-    mesh = train_step.make_mesh()
-    module = model.build_model(config)
-    apply_fn = model.make_apply_fn(module)
-    tx = train_step.make_optimizer(config.optim)
-    params = model.init_params(module, jax.random.PRNGKey(0), config)
-    state = train_step.init_state(params, tx, cm_cfg.loss, len(config.training.ema_rates))
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    step_fn = train_step.make_train_step(apply_fn, cm_cfg, tx, tuple(config.training.ema_rates),
-                                         mesh, jax.random.PRNGKey(1))
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
+    setup = train.Setup(config)
+    state = setup.init_state()
+    teacher_apply, frozen = None, {}
+    if setup.cm.loss == "cd":  # a random teacher of the student's shape: the same cost
+        teacher_apply = setup.apply_fn
+        frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, state.params)
+    if setup.cm.uses_lpips:  # random LPIPS weights: the same cost as the released ones
+        from cm import lpips
+
+        frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
+                                         setup.replicated)
+    ema_rates = tuple(config.training.ema_rates)
+    step_fn = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, ema_rates,
+                                         setup.mesh, setup.step_key,
+                                         teacher_apply_fn=teacher_apply)
     b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
-    batch = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
-             "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
-    batch = train_step.shard_batch(batch, mesh)
+    host = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
+            "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
+    if config.model.num_classes > 0:
+        host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
+    batch = train_step.shard_batch(host, setup.mesh)
 
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
-    state, metrics = step_fn(state, batch)  # warm up
+    state, metrics = step_fn(state, batch, frozen)  # warm up
     jax.block_until_ready(metrics)
     rates = []
     for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, frozen)
         jax.block_until_ready(metrics)
         rates.append(steps / (time.perf_counter() - t0))
     sps = float(np.median(rates))
     out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-           "devices": jax.device_count(), "batch": b, "params": model.count_params(params),
+           "devices": jax.device_count(), "batch": b, "loss": setup.cm.loss,
+           "params": model.count_params(state.params),
            "compile_s": compile_s, "steps_per_s": sps, "images_per_s": sps * b,
            "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12}
     peak = peak_for(jax.devices()[0], config.model.dtype)
     if peak and flops:
         out["fraction_of_peak"] = flops * sps / (peak * jax.device_count())
+    if breakdown:
+        update = jax.jit(
+            lambda st, g: train_step.apply_updates(st, g, setup.tx, setup.cm, ema_rates)[0],
+            donate_argnums=(0,))
+        grads = jax.tree.map(lambda p: p * 1e-3, state.params)
+        holder = {"state": update(state, grads)}  # compile; `state` is donated from here
+
+        def one_update():
+            holder["state"] = update(holder["state"], grads)
+            return holder["state"].step
+
+        out["update_s"] = _median_seconds(one_update, max(steps, 5))
+        out["transfer_s"] = _median_seconds(
+            lambda: train_step.shard_batch(host, setup.mesh), max(steps, 5))
     return out
 
 
 def main(argv):
     del argv
-    r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.windows)
-    print(f"backend {r['backend']} ({r['device']} x{r['devices']}), params {r['params']:,}, "
-          f"global batch {r['batch']}, dtype {FLAGS.config.model.dtype}")
+    r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.windows, FLAGS.breakdown)
+    print(f"backend {r['backend']} ({r['device']} x{r['devices']}), cm.loss {r['loss']} "
+          f"metric {FLAGS.config.cm.metric}, "
+          f"params {r['params']:,}, global batch {r['batch']}, dtype {FLAGS.config.model.dtype}")
     print(f"compile {r['compile_s']:.1f} s")
     print(f"{r['steps_per_s']:.3f} steps/s  {r['images_per_s']:.1f} images/s")
     print(f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA cost analysis)  "
           f"{r['tflops_per_s']:.2f} TFLOP/s achieved")
     if "fraction_of_peak" in r:
         print(f"{100 * r['fraction_of_peak']:.1f}% of the device's dense peak")
+    if "update_s" in r:
+        step_s = 1.0 / r["steps_per_s"]
+        print(f"optimiser + EMA update alone: {1e3 * r['update_s']:.2f} ms "
+              f"({100 * r['update_s'] / step_s:.1f}% of the step)")
+        print(f"host-to-device copy of one batch: {1e3 * r['transfer_s']:.2f} ms "
+              f"({100 * r['transfer_s'] / step_s:.1f}% of the step; overlapped in training)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Ar
                    jax.Array]
 
 LOSSES = ("ct", "ict", "edm", "cd")  # edm: diffusion (cm/edm.py); cd: distillation
-METRICS = ("l2", "l1", "pseudo_huber")
+METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,9 @@ class CMConfig:
     p_mean: float = -1.1
     p_std: float = 2.0
     total_steps: int = 800_000
+    lpips_pool: str = "max"
+    lpips_resize: int = 224
+    lpips_dtype: str = "float32"  # the model's compute dtype
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -52,6 +55,10 @@ class CMConfig:
             raise ValueError("need 0 < cm.sigma_min < cm.sigma_max")
         if self.start_scales < 2 or self.end_scales < self.start_scales:
             raise ValueError("need 2 <= cm.start_scales <= cm.end_scales")
+        if self.lpips_pool not in ("max", "avg"):
+            raise ValueError(f"cm.lpips_pool must be max or avg, got {self.lpips_pool!r}")
+        if self.lpips_resize < 0:
+            raise ValueError(f"cm.lpips_resize must be >= 0, got {self.lpips_resize}")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "CMConfig":
@@ -60,7 +67,13 @@ class CMConfig:
                    sigma_data=c.sigma_data, metric=c.metric, huber_c=c.huber_c,
                    start_scales=c.start_scales, end_scales=c.end_scales,
                    start_ema=c.start_ema, p_mean=c.p_mean, p_std=c.p_std,
-                   total_steps=config.training.n_iters)
+                   total_steps=config.training.n_iters, lpips_pool=c.lpips_pool,
+                   lpips_resize=c.lpips_resize, lpips_dtype=config.model.dtype)
+
+    @property
+    def uses_lpips(self) -> bool:
+        """Whether the loss needs the LPIPS network (EDM's loss is always l2)."""
+        return self.metric == "lpips" and self.loss != "edm"
 
     @property
     def max_scales(self) -> int:
@@ -102,12 +115,24 @@ def consistency_fn(apply_fn: ApplyFn, params: PyTree, x: jax.Array, sigma: jax.A
     return c_skip * x + c_out * out
 
 
-def distance(a: jax.Array, b: jax.Array, metric: str, huber_c: float) -> jax.Array:
+def distance(a: jax.Array, b: jax.Array, metric: str, huber_c: float,
+             lpips_variables: PyTree | None = None, cfg: "CMConfig | None" = None,
+             ) -> jax.Array:
     """Per-example distance d(a, b) `[B]`.
 
     l2 and l1 are means over the pixels (the OpenAI code's convention; a constant
-    factor of the squared norm); pseudo_huber is sqrt(||a - b||^2 + c^2) - c.
+    factor of the squared norm); pseudo_huber is sqrt(||a - b||^2 + c^2) - c; lpips is
+    LPIPS-VGG16 (`cm.lpips`) with the weights `lpips_variables` and `cfg`'s pooling,
+    resize and compute dtype.
     """
+    if metric == "lpips":
+        if lpips_variables is None:
+            raise ValueError("cm.metric=lpips needs the LPIPS weights (lpips_variables)")
+        from cm import lpips  # the VGG16 network and its weight loading, only when used
+
+        cfg = cfg or CMConfig()
+        return lpips.lpips_distance(lpips_variables, a, b, resize=cfg.lpips_resize or None,
+                                    pool=cfg.lpips_pool, dtype=jnp.dtype(cfg.lpips_dtype))
     diff = (a - b).reshape(a.shape[0], -1)
     if metric == "l2":
         return jnp.mean(diff**2, axis=1)
@@ -145,7 +170,8 @@ def sample_levels(cfg: CMConfig, step: jax.Array, keys: jax.Array) -> tuple[jax.
 def consistency_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
                      target_params: PyTree | None, x: jax.Array, z: jax.Array,
                      step: jax.Array, example_keys: jax.Array, dropout_key: jax.Array,
-                     labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                     labels: jax.Array | None = None, *, lpips_variables: PyTree | None = None,
+                     ) -> tuple[jax.Array, dict]:
     """CT / iCT loss on one shard: d(f(x + t_{n+1} z, t_{n+1}), f_target(x + t_n z, t_n)).
 
     Args:
@@ -153,6 +179,7 @@ def consistency_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
       target_params: CT's EMA target; ignored by iCT (target = stop_gradient(params)).
       x: images `[B,H,W,C]` in [-1, 1]; z: their (assigned) noise, same shape.
       example_keys: `[B]` keys for the level draws; dropout_key: shared by both passes.
+      lpips_variables: the LPIPS weights when `cfg.metric == "lpips"`.
 
     Returns:
       (mean weighted loss, aux metrics) over this shard.
@@ -165,6 +192,6 @@ def consistency_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
     teacher = params if cfg.loss == "ict" else target_params
     target = consistency_fn(apply_fn, teacher, x_lo, t_lo, cfg, labels, True, dropout_key)
     target = jax.lax.stop_gradient(target)
-    d = distance(online, target, cfg.metric, cfg.huber_c)
+    d = distance(online, target, cfg.metric, cfg.huber_c, lpips_variables, cfg)
     loss = jnp.mean(weight * d)
     return loss, {"distance": jnp.mean(d)}

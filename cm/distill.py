@@ -19,7 +19,7 @@ def cd_loss(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, params: Py
             target_params: PyTree, x: jax.Array, z: jax.Array, step: jax.Array,
             example_keys: jax.Array, dropout_key: jax.Array, labels: jax.Array | None = None,
             *, teacher_params: PyTree, teacher_apply_fn: consistency.ApplyFn,
-            ) -> tuple[jax.Array, dict]:
+            lpips_variables: PyTree | None = None) -> tuple[jax.Array, dict]:
     """d(f(x + t_{n+1} z, t_{n+1}), f_target(Heun_teacher(x + t_{n+1} z; t_{n+1} -> t_n), t_n))."""
     t_lo, t_hi, _ = consistency.sample_levels(cfg, step, example_keys)
     x_hi = x + t_hi[:, None, None, None] * z
@@ -30,7 +30,8 @@ def cd_loss(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, params: Py
                                         dropout_key)
     target = consistency.consistency_fn(apply_fn, target_params, x_lo, t_lo, cfg, labels, True,
                                         dropout_key)
-    d = consistency.distance(online, jax.lax.stop_gradient(target), cfg.metric, cfg.huber_c)
+    d = consistency.distance(online, jax.lax.stop_gradient(target), cfg.metric, cfg.huber_c,
+                             lpips_variables, cfg)
     loss = jax.numpy.mean(d)
     return loss, {"distance": loss}
 

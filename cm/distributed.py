@@ -202,3 +202,16 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     local = np.asarray([values[k] for k in keys], np.float64)  # [K]
     every = np.asarray(multihost_utils.process_allgather(local))  # [P, K]
     return {k: float(v) for k, v in zip(keys, every.mean(axis=0), strict=True)}
+
+
+def replicate(tree, sharding):
+    """Host arrays (the same on every process) as global arrays with `sharding`.
+
+    Each process fills only its own devices (no collective), so this works with one
+    process or many.
+    """
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(put, tree)

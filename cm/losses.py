@@ -1,7 +1,8 @@
 """Training losses by name (`cm.loss`): each takes the noise `z` as an argument.
 
 Signature: `loss(apply_fn, cfg, params, target_params, x, z, step, example_keys,
-dropout_key, labels) -> (loss, aux)`.
+dropout_key, labels, **frozen) -> (loss, aux)`, where the frozen inputs are
+`lpips_variables` (consistency losses with `cm.metric=lpips`) and `teacher_params` (CD).
 """
 
 from collections.abc import Callable

@@ -51,11 +51,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.sample.ema_index < len(t.ema_rates):
         raise ValueError(f"sample.ema_index={config.sample.ema_index} but there are "
                          f"{len(t.ema_rates)} EMA rates")
-    consistency.CMConfig.from_config(config)  # checks the cm section
+    cm_cfg = consistency.CMConfig.from_config(config)  # checks the cm section
+    if cm_cfg.uses_lpips:
+        if config.data.num_channels != 3:
+            raise ValueError(f"cm.metric=lpips needs RGB images; data.num_channels="
+                             f"{config.data.num_channels}")
+        if not cm_cfg.lpips_resize and config.data.image_size < 16:
+            raise ValueError("cm.metric=lpips with cm.lpips_resize=0 needs images of at "
+                             f"least 16x16 (VGG16 pools 4 times), got {config.data.image_size}")
     if config.assignment.within_class and config.model.num_classes <= 0:
         raise ValueError("assignment.within_class needs a class-conditional model "
                          "(model.num_classes > 0)")
     input_pipeline.check_assignment_config(config.assignment)
+
+
+def frozen_inputs(config: ml_collections.ConfigDict, setup: "Setup"):
+    """(the train step's `frozen` inputs, the teacher's apply_fn or None).
+
+    `teacher`: the EDM teacher's EMA parameters (`cm.loss=cd`); `lpips`: the LPIPS
+    weights (`cm.metric=lpips`, from `cm.lpips_vgg_path` / `cm.lpips_lin_path` or the
+    cache directory `eval.cache_dir`). Both are replicated over the mesh.
+    """
+    frozen, teacher_apply = {}, None
+    if setup.cm.loss == "cd":
+        from cm import distill
+
+        teacher_apply, frozen["teacher"] = distill.load_teacher(config)
+        logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)
+    if setup.cm.uses_lpips:
+        from cm import lpips
+
+        variables = lpips.load_lpips_variables(config.cm.lpips_vgg_path,
+                                               config.cm.lpips_lin_path, config.eval.cache_dir)
+        frozen["lpips"] = distributed.replicate(variables, setup.replicated)
+        logging.info("loss metric: LPIPS-VGG16 (%s pooling, resize %s)", setup.cm.lpips_pool,
+                     setup.cm.lpips_resize or "none")
+    return frozen, teacher_apply
 
 
 def _edm_sample(apply_fn, params, cfg, key, shape, labels, *, solver, steps):
@@ -207,12 +238,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
-    teacher_apply, teacher = None, None
-    if setup.cm.loss == "cd":
-        from cm import distill
-
-        teacher_apply, teacher = distill.load_teacher(config)
-        logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)
+    frozen, teacher_apply = frozen_inputs(config, setup)
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
         device_assign=input_pipeline.device_assign_fn(config.assignment),
@@ -254,7 +280,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                 waited_log += time.perf_counter() - t0
                 for k, v in diagnostics.items():
                     diag_acc.setdefault(k, []).append(float(v))
-                state, metrics = step_fn(state, batch, teacher)
+                state, metrics = step_fn(state, batch, frozen)
                 step += 1
                 pending.append((step, metrics["loss"]))
                 window_losses.append(metrics["loss"])

@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 from cm import consistency, losses
 
 PyTree = Any
+# Keys of the step's `frozen` argument -> the loss functions' keyword arguments.
+FROZEN_ARGS = {"teacher": "teacher_params", "lpips": "lpips_variables"}
 # device_assign(x [b,H,W,C], z [b,H,W,C], key) -> z, applied to each device's shard.
 DeviceAssignFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -78,16 +80,41 @@ def init_state(params: PyTree, tx: optax.GradientTransformation, loss: str,
     )
 
 
+def apply_updates(state: TrainState, grads: PyTree, tx: optax.GradientTransformation,
+                  cfg: consistency.CMConfig, ema_rates: tuple[float, ...],
+                  ) -> tuple[TrainState, jax.Array]:
+    """The optimiser step and the target / evaluation EMAs; (new state, target decay mu).
+
+    Every update is elementwise per parameter leaf, so XLA fuses each leaf's optimiser
+    and EMA arithmetic inside the jitted step (`bench/train_step.py` times this part
+    alone against the whole step).
+    """
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    mu = cfg.target_decay(state.step)
+    target = state.target_params
+    if target is not None:
+        target = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * p, target, params)
+    emas = tuple(
+        jax.tree.map(lambda e, p, r=rate: r * e + (1.0 - r) * p, ema, params)
+        for ema, rate in zip(state.ema_params, ema_rates, strict=True))
+    new_state = state.replace(step=state.step + 1, params=params, target_params=target,
+                              ema_params=emas, opt_state=opt_state)
+    return new_state, mu
+
+
 def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
                     mesh: Mesh, base_key: jax.Array,
                     device_assign: DeviceAssignFn | None = None, teacher_apply_fn=None):
-    """Returns the jitted `train_step(state, batch, teacher=None) -> (state, metrics)`.
+    """Returns the jitted `train_step(state, batch, frozen=None) -> (state, metrics)`.
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
-    optionally `label` `[B]`). The state is donated. Consistency distillation
-    (`cm.loss=cd`) also takes the frozen teacher's parameters, replicated, as an
-    argument (never part of the checkpointed state), applied with `teacher_apply_fn`.
+    optionally `label` `[B]`). The state is donated. `frozen` holds replicated inputs
+    that are never trained nor checkpointed (see `frozen_inputs`): `teacher` (the EDM
+    teacher's parameters for `cm.loss=cd`, applied with `teacher_apply_fn`) and `lpips`
+    (the LPIPS weights for `cm.metric=lpips`). They are arguments rather than
+    constants captured by the jitted function, so they are not baked into the program.
     """
     loss_impl = losses.LOSS_FNS[cfg.loss]
     if cfg.loss == "cd":
@@ -95,7 +122,7 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
             raise ValueError("consistency distillation needs teacher_apply_fn")
         loss_impl = functools.partial(loss_impl, teacher_apply_fn=teacher_apply_fn)
 
-    def shard_loss(params, target_params, step, batch, teacher):
+    def shard_loss(params, target_params, step, batch, frozen):
         x, z = batch["x"], batch["z"]
         local_b = x.shape[0]
         shard = jax.lax.axis_index("data")
@@ -106,7 +133,8 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
 
-        extra = {} if teacher is None else {"teacher_params": teacher}
+        frozen = frozen or {}
+        extra = {name: frozen[key] for key, name in FROZEN_ARGS.items() if key in frozen}
 
         def loss_fn(p):
             return loss_impl(apply_fn, cfg, p, target_params, x, z, step, example_keys,
@@ -118,22 +146,15 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
 
-    def train_step(state: TrainState, batch: dict, teacher=None) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, frozen: dict | None = None,
+                   ) -> tuple[TrainState, dict]:
         batch_specs = {k: P("data") for k in batch}
         loss, aux, grads = jax.shard_map(
             shard_loss, mesh=mesh,
             in_specs=(P(), P(), P(), batch_specs, P()),
             out_specs=(P(), P(), P()),
-        )(state.params, state.target_params, state.step, batch, teacher)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        mu = cfg.target_decay(state.step)
-        target = state.target_params
-        if target is not None:
-            target = jax.tree.map(lambda t, p: mu * t + (1.0 - mu) * p, target, params)
-        emas = tuple(
-            jax.tree.map(lambda e, p, r=rate: r * e + (1.0 - r) * p, ema, params)
-            for ema, rate in zip(state.ema_params, ema_rates, strict=True))
+        )(state.params, state.target_params, state.step, batch, frozen)
+        new_state, mu = apply_updates(state, grads, tx, cfg, ema_rates)
         metrics = {
             "loss": loss,
             "distance": aux["distance"],
@@ -141,8 +162,6 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
             "mu": mu,
             "grad_norm": optax.global_norm(grads),
         }
-        new_state = state.replace(step=state.step + 1, params=params, target_params=target,
-                                  ema_params=emas, opt_state=opt_state)
         return new_state, metrics
 
     replicated = NamedSharding(mesh, P())

@@ -53,7 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
     cm.sigma_max = 80.0
     cm.rho = 7.0
     cm.sigma_data = 0.5
-    cm.metric = "pseudo_huber"  # l2 | l1 | pseudo_huber
+    cm.metric = "pseudo_huber"  # l2 | l1 | pseudo_huber | lpips (VGG16, cm/lpips.py)
+    cm.lpips_vgg_path = ""  # torchvision vgg16-397923af.pth; '' = cache dir (downloaded once)
+    cm.lpips_lin_path = ""  # LPIPS v0.1 vgg.pth heads; '' = cache, the lpips package, download
+    cm.lpips_pool = "max"  # max (the lpips package) | avg (piq's, the OpenAI PyTorch CM code)
+    cm.lpips_resize = 224  # images narrower than 256 are resized to this first; 0 = native
     cm.huber_c = -1.0  # < 0: 0.00054 * sqrt(dim), the iCT choice
     cm.start_scales = 2  # s0
     cm.end_scales = 150  # s1
@@ -144,4 +148,5 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.n_samples = 16
     config.eval.batch_size = 8
     config.optim.warmup = min(config.optim.warmup, 2)
+    config.cm.lpips_resize = 0  # LPIPS at the native size: VGG16 at 224 takes CPU minutes
     return config

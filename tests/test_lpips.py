@@ -245,3 +245,75 @@ def test_heads_download_once_with_hash_check(monkeypatch, tmp_path):
     got = cm_lpips._resolve("lin", "", str(cache), True, cm_lpips.LIN_SHA256)
     assert got == cache / cm_lpips.LIN_NAME
     assert weights.sha256_file(got) == cm_lpips.LIN_SHA256
+
+
+# ---------------------------------------------------------------------------------------
+# LPIPS as the consistency-training metric (cm.metric=lpips).
+
+
+def test_distance_metric_lpips_is_lpips_distance_with_the_config_settings():
+    from cm import consistency
+
+    variables = cm_lpips.init_variables(jax.random.PRNGKey(0))
+    a, b = jax.random.uniform(jax.random.PRNGKey(1), (2, 2, 20, 20, 3), minval=-1, maxval=1)
+    for pool, resize in (("max", 0), ("avg", 32)):
+        cfg = consistency.CMConfig(metric="lpips", lpips_pool=pool, lpips_resize=resize)
+        got = consistency.distance(a, b, "lpips", -1.0, variables, cfg)
+        want = cm_lpips.lpips_distance(variables, a, b, resize=resize or None, pool=pool)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="LPIPS weights"):
+        consistency.distance(a, b, "lpips", -1.0)
+    with pytest.raises(ValueError, match="lpips_pool"):
+        consistency.CMConfig(metric="lpips", lpips_pool="min")
+
+
+def _rgb_config(tmp_path, size=16):
+    from tests.helpers import tiny_config
+
+    path = tmp_path / "rgb.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, images=rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8))
+    config = tiny_config(**{"data.name": "npz", "data.path": str(path)})
+    config.data.image_size, config.data.num_channels = size, 3
+    config.model.attn_resolutions = (size // 2,)
+    config.training.n_iters, config.training.snapshot_every = 2, 2
+    config.cm.loss, config.cm.lpips_resize = "ct", 0
+    return config
+
+
+def test_ct_trains_with_lpips_from_the_configured_weight_paths(tmp_path, monkeypatch):
+    from cm import train
+
+    asked = []
+
+    def fake_load(vgg_path, lin_path, cache_dir):  # the released weights can't be fetched here
+        asked.append((vgg_path, lin_path, cache_dir))
+        variables = cm_lpips.init_variables(jax.random.PRNGKey(3))
+        return jax.tree.map(jnp.abs, variables)  # heads >= 0, as the released ones
+
+    monkeypatch.setattr(cm_lpips, "load_lpips_variables", fake_load)
+    config = _rgb_config(tmp_path)
+    config.cm.metric = "pseudo_huber"
+    huber = train.train(config, str(tmp_path / "huber"))
+    assert asked == []  # not loaded unless the metric is LPIPS
+    config.cm.metric = "lpips"
+    config.cm.lpips_vgg_path, config.cm.lpips_lin_path = "/w/vgg16.pth", "/w/vgg.pth"
+    last = train.train(config, str(tmp_path / "lpips"))
+    assert asked == [("/w/vgg16.pth", "/w/vgg.pth", config.eval.cache_dir)]
+    assert last["step"] == 2 and np.isfinite(last["loss"]) and last["loss"] > 0
+    assert last["loss"] != pytest.approx(huber["loss"], rel=1e-3)
+
+
+def test_lpips_metric_rejects_grey_or_tiny_images(tmp_path):
+    from cm import train
+    from tests.helpers import tiny_config
+
+    config = tiny_config(**{"cm.metric": "lpips", "cm.loss": "ct"})  # 8x8 grey digits
+    with pytest.raises(ValueError, match="RGB"):
+        train.validate(config)
+    config = _rgb_config(tmp_path, size=8)
+    config.cm.metric = "lpips"
+    with pytest.raises(ValueError, match="at least 16x16"):
+        train.validate(config)
+    config.cm.lpips_resize = 224
+    train.validate(config)
