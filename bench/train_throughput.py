@@ -13,6 +13,7 @@ small NCSN++ (`cifar`) or the real CIFAR-10 CT network (`cifar10_ct`, for accele
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -27,9 +28,14 @@ from cm import data, input_pipeline, train, train_step  # noqa: E402
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
 
-def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32"):
-    """3x32x32 images; the small smoke network, or the real CIFAR-10 CT one (`full`)."""
+def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32", metric: str = ""):
+    """3x32x32 images; the small smoke network, or the real CIFAR-10 CT one (`full`).
+
+    `metric` overrides `cm.metric` (the real config uses LPIPS, with random weights here).
+    """
     config = cifar10_ct.get_config() if full else base.shrink(base.get_config())
+    if metric:
+        config.cm.metric = metric
     config.data.name = "npz"  # images are supplied directly below
     config.training.batch_size = batch
     config.model.dtype = dtype
@@ -46,8 +52,15 @@ def make_runner(config, images: np.ndarray, method: str, where: str):
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, tuple(config.training.ema_rates), setup.mesh,
         setup.step_key, device_assign=input_pipeline.device_assign_fn(config.assignment))
+    frozen = {}
+    if setup.cm.uses_lpips:  # random LPIPS weights: the released ones cost the same
+        from cm import lpips
+
+        frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
+                                         setup.replicated)
     batcher = data.Batcher(images, config.training.batch_size, 0, random_flip=False)
-    pipe = input_pipeline.make_input(config, batcher, 0, jax.local_device_count())
+    place = functools.partial(train_step.shard_batch, mesh=setup.mesh)  # as cm.train does
+    pipe = input_pipeline.make_input(config, batcher, 0, jax.local_device_count(), place)
     holder = {"state": state, "waited": 0.0}
 
     def run(n: int) -> float:
@@ -55,10 +68,9 @@ def make_runner(config, images: np.ndarray, method: str, where: str):
         metrics = None
         for _ in range(n):
             tw = time.perf_counter()
-            host, _ = assignment.split_diagnostics(next(pipe))
+            batch, _ = assignment.split_diagnostics(next(pipe))
             holder["waited"] += time.perf_counter() - tw
-            holder["state"], metrics = step_fn(holder["state"],
-                                               train_step.shard_batch(host, setup.mesh))
+            holder["state"], metrics = step_fn(holder["state"], batch, frozen)
         jax.block_until_ready(metrics)
         return time.perf_counter() - t0
 
@@ -95,6 +107,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="model.dtype: float32 | bfloat16")
+    parser.add_argument("--metric", default="", help="cm.metric override, e.g. pseudo_huber")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if methods[0] != "none":
@@ -108,7 +121,8 @@ def main():
             config = quickstart.get_config()
             images = data.load_images(data.DataConfig.from_config(config))
         elif name in ("cifar", "cifar10_ct"):
-            config = cifar_shaped(args.cifar_batch, full=name == "cifar10_ct", dtype=args.dtype)
+            config = cifar_shaped(args.cifar_batch, full=name == "cifar10_ct", dtype=args.dtype,
+                                  metric=args.metric)
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
         else:
