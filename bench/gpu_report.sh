@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/immiscible_cm_jax_cache}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PYTHON:-python3}"
-LIMIT="${LIMIT:-300}"  # seconds per section
+LIMIT="${LIMIT:-400}"  # seconds per section; the first CT compile alone took ~2.5 min
 quiet() { grep -v "^[WI][0-9]" || true; }
 section() { echo; echo "== $1 ($(date +%T))"; }
 
