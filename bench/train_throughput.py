@@ -46,9 +46,11 @@ def make_runner(config, images: np.ndarray, method: str, where: str, steps: dict
     """A closure that runs `n` training steps of `method`; returns their wall time.
 
     `steps` caches the jitted step by assignment path: every host-path method runs the
-    same program (assignment happens before it), so one executable serves them all; a
-    second copy of a step whose scratch memory is most of the GPU can fail to find a
-    contiguous block (seen at batch 512 with LPIPS on an H200).
+    same program (assignment happens before it), so one executable serves them all.
+    With a separate step per method, the LPIPS CT step at batch 512 (55 GiB of scratch
+    in bfloat16) ran out of memory on an H200 at the second method's first step, where
+    the bare step alone runs; sharing the executable is meant to avoid that (not yet
+    re-run on a GPU).
     """
     config = config.copy_and_resolve_references()
     config.assignment.method = method
