@@ -48,7 +48,7 @@ def make_runner(config, images: np.ndarray, method: str, where: str, steps: dict
     `steps` caches the jitted step by assignment path: every host-path method runs the
     same program (assignment happens before it), so one executable serves them all.
     With a separate step per method, the LPIPS CT step at batch 512 (55 GiB of scratch
-    in bfloat16) ran out of memory on an H200 at the second method's first step, where
+    in bfloat16) ran out of memory on an H200 while warming up the methods, where
     the bare step alone runs; sharing the executable is meant to avoid that (not yet
     re-run on a GPU).
     """
