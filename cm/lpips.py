@@ -119,16 +119,19 @@ class LPIPS(nn.Module):
     def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
         if a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
             raise ValueError(f"need two [B, H, W, 3] batches of one shape: {a.shape}, {b.shape}")
-        n = a.shape[0]
-        x = jnp.concatenate([a, b]).astype(jnp.float32)  # one VGG pass over [2B, H, W, 3]
-        x = (x - jnp.asarray(_SHIFT)) / jnp.asarray(_SCALE)
-        feats = VGG16Features(self.pool, self.dtype, self.precision, name="vgg")(x)
-        total = jnp.zeros((n,), jnp.float32)
-        for k, f in enumerate(feats):
-            f = _unit_normalize(f.astype(jnp.float32))
-            # d(x, x) is 0 only up to rounding (~3e-16 on CPU, with one pass or two):
-            # XLA may sum the two halves in different orders.
-            diff = jnp.square(f[:n] - f[n:])  # [B, h, w, C]
+        vgg = VGG16Features(self.pool, self.dtype, self.precision, name="vgg")
+        scale = lambda x: (x.astype(jnp.float32) - jnp.asarray(_SHIFT)) / jnp.asarray(_SCALE)  # noqa: E731
+        # Two passes, not one over the concatenated [2B] batch: in the training loss `b`
+        # is a stop-gradient target, and with one pass the backward would also run the
+        # data gradient through VGG16 for b's half (measured: 953 vs 714 GFLOP for the
+        # gradient of 8 pairs at 224; 25% of LPIPS' cost, ~10% of the CT step).
+        feats_a, feats_b = vgg(scale(a)), vgg(scale(b))
+        total = jnp.zeros((a.shape[0],), jnp.float32)
+        for k, (fa, fb) in enumerate(zip(feats_a, feats_b, strict=True)):
+            fa, fb = (_unit_normalize(f.astype(jnp.float32)) for f in (fa, fb))
+            # d(x, x) is 0 only up to rounding (~3e-16 on CPU): XLA may reduce the two
+            # passes in different orders.
+            diff = jnp.square(fa - fb)  # [B, h, w, C]
             lin = nn.Dense(1, use_bias=False, precision=self.precision, name=f"lin{k}")
             total = total + jnp.mean(lin(diff)[..., 0], axis=(1, 2))
         return total
