@@ -268,16 +268,18 @@ def test_distance_metric_lpips_is_lpips_distance_with_the_config_settings():
 
 
 def _rgb_config(tmp_path, size=16):
-    from tests.helpers import tiny_config
+    """configs/cifar10_ct.py:smoke (LPIPS at the native size) on random RGB images."""
+    from configs import cifar10_ct
 
     path = tmp_path / "rgb.npz"
     rng = np.random.default_rng(0)
     np.savez(path, images=rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8))
-    config = tiny_config(**{"data.name": "npz", "data.path": str(path)})
-    config.data.image_size, config.data.num_channels = size, 3
+    config = cifar10_ct.get_config("smoke")
+    assert config.cm.metric == "lpips" and config.cm.lpips_resize == 0
+    config.data.name, config.data.path, config.data.image_size = "npz", str(path), size
     config.model.attn_resolutions = (size // 2,)
     config.training.n_iters, config.training.snapshot_every = 2, 2
-    config.cm.loss, config.cm.lpips_resize = "ct", 0
+    config.training.sample_every, config.training.resume_every = 0, 0
     return config
 
 
