@@ -46,6 +46,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"training.{name} must be >= 0, got {t[name]}")
     if t.log_every == 0:
         raise ValueError("training.log_every must be positive")
+    guards = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
+    if t.transfer_guard not in guards:
+        raise ValueError(f"training.transfer_guard must be one of {guards}, got "
+                         f"{t.transfer_guard!r}")
     if not t.ema_rates or any(not 0 <= r < 1 for r in t.ema_rates):
         raise ValueError(f"training.ema_rates must be rates in [0, 1), got {t.ema_rates}")
     if not 0 <= config.sample.ema_index < len(t.ema_rates):
@@ -121,8 +125,10 @@ class Setup:
         s, c = config.data.image_size, config.data.num_channels
         self.image_shape = (s, s, c)
         key = jax.random.PRNGKey(config.training.seed)
-        self.init_key, self.step_key, self.sample_key = jax.random.split(key, 3)
+        self.init_key, self.step_key, sample_key = jax.random.split(key, 3)
         self.replicated = NamedSharding(self.mesh, P())
+        # Already where the sampler wants it: no device-to-device copy at every grid.
+        self.sample_key = jax.device_put(sample_key, self.replicated)
         self._samplers: dict[tuple[float, ...], object] = {}
 
     def abstract_state(self):
@@ -268,8 +274,10 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
 
     try:
         place = functools.partial(train_step.shard_batch, mesh=setup.mesh)
+        # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
+        # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
         with input_pipeline.make_input(config, batcher, start, jax.local_device_count(),
-                                       place) as inputs:
+                                       place) as inputs, jax.transfer_guard(t.transfer_guard):
             t_log, waited_log = time.perf_counter(), 0.0
             diag_acc: dict[str, list[float]] = {}
             step = prev_log = start

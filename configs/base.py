@@ -102,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_snapshots = 3
     training.resume_every = 1_000  # frequent checkpoint, only the latest is kept
     training.n_grid = 64  # images in the sample grid PNG
+    training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
     # Sampling.
     sample = config.sample = ml_collections.ConfigDict()

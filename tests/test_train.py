@@ -28,9 +28,31 @@ def final_params(run_dir, config):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("full"))
-    config = tiny_config(**{"training.sample_every": 3})
+    # Under the transfer guard: no implicit host<->device copy (a hidden sync) anywhere
+    # in the loop, grids and checkpoints included.
+    config = tiny_config(**{"training.sample_every": 3, "training.transfer_guard": "disallow"})
     train.train(config, run_dir)
     return run_dir, config
+
+
+def test_transfer_guard_catches_an_implicit_copy_in_the_loop(tmp_path, monkeypatch):
+    import assignment
+
+    split = assignment.split_diagnostics
+
+    def leaky(batch):  # hands the step host arrays: an implicit copy every step
+        arrays, stats = split(batch)
+        return jax.device_get(arrays), stats
+
+    monkeypatch.setattr(assignment, "split_diagnostics", leaky)
+    config = tiny_config(**{"training.transfer_guard": "disallow"})
+    with pytest.raises(Exception, match="Disallowed host-to-device"):
+        train.train(config, str(tmp_path / "guarded"))
+    config.training.transfer_guard = "allow"
+    assert train.train(config, str(tmp_path / "allowed"))["step"] == 6
+    config.training.transfer_guard = "forbid"
+    with pytest.raises(ValueError, match="transfer_guard"):
+        train.validate(config)
 
 
 def test_train_writes_checkpoints_grids_and_metrics(uninterrupted):
