@@ -57,8 +57,9 @@ class CMConfig:
             raise ValueError("need 2 <= cm.start_scales <= cm.end_scales")
         if self.lpips_pool not in ("max", "avg"):
             raise ValueError(f"cm.lpips_pool must be max or avg, got {self.lpips_pool!r}")
-        if self.lpips_resize < 0:
-            raise ValueError(f"cm.lpips_resize must be >= 0, got {self.lpips_resize}")
+        if self.lpips_resize < 0 or 0 < self.lpips_resize < 16:
+            raise ValueError("cm.lpips_resize must be 0 (native size) or at least 16 (VGG16 "
+                             f"pools 4 times), got {self.lpips_resize}")
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "CMConfig":

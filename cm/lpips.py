@@ -217,7 +217,8 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray]) -> Variables:
 
     Returns:
       `{'params': {'vgg': {'conv1_1': {'kernel' [3, 3, I, O], 'bias'}, ...},
-      'lin0': {'kernel': [64, 1]}, ..., 'lin4': ...}}` as jax arrays.
+      'lin0': {'kernel': [64, 1]}, ..., 'lin4': ...}}` as float32 numpy arrays (the
+      caller places them: `cm.train` replicates them over the mesh).
 
     Raises:
       KeyError: unknown, missing, or conflicting names; ValueError: wrong shapes.
@@ -260,7 +261,7 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray]) -> Variables:
     params: dict[str, Any] = {"vgg": {}}
     for (name, leaf), value in found.items():
         where = params if name.startswith("lin") else params["vgg"]
-        where.setdefault(name, {})[leaf] = jnp.asarray(value)
+        where.setdefault(name, {})[leaf] = value  # numpy: placed by the caller
     return {"params": params}
 
 

@@ -56,6 +56,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.ema_index={config.sample.ema_index} but there are "
                          f"{len(t.ema_rates)} EMA rates")
     cm_cfg = consistency.CMConfig.from_config(config)  # checks the cm section
+    if cm_cfg.loss == "edm" and cm_cfg.metric == "lpips":
+        logging.warning("cm.metric=lpips is ignored: EDM training uses its weighted l2 loss")
     if cm_cfg.uses_lpips:
         if config.data.num_channels != 3:
             raise ValueError(f"cm.metric=lpips needs RGB images; data.num_channels="
@@ -224,6 +226,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     images, labels = data.load_dataset(data.DataConfig.from_config(config))
     labels = check_labels(config, labels)
     setup = Setup(config)
+    frozen, teacher_apply = frozen_inputs(config, setup)  # missing weights fail early
     t = config.training
 
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
@@ -244,7 +247,6 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
-    frozen, teacher_apply = frozen_inputs(config, setup)
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
         device_assign=input_pipeline.device_assign_fn(config.assignment),

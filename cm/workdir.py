@@ -14,6 +14,10 @@ import ml_collections
 SHAPE_FIELDS = ("model", "data.image_size", "data.num_channels", "cm.loss",
                 "training.ema_rates", "optim.optimizer", "optim.grad_clip",
                 "optim.weight_decay")
+# Fields that define the loss: changing them on resume would silently train a different
+# objective from the same checkpoint (e.g. the CIFAR-10 configs' switch to LPIPS).
+LOSS_FIELDS = ("cm.metric",)
+LPIPS_FIELDS = ("cm.lpips_pool", "cm.lpips_resize")  # compared when the saved run used LPIPS
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -80,7 +84,7 @@ def diff(old: dict, new: dict, fields: tuple[str, ...] | None = None) -> list[st
 
 
 def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-    """Raises if `workdir` holds a run whose state shapes differ from `config`'s.
+    """Raises if `workdir` holds a run whose state shapes or loss differ from `config`'s.
 
     Returns:
       The other (harmless) fields that differ from the saved config.
@@ -91,14 +95,18 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> list[st
     with open(path) as f:
         old = json.load(f)
     new = config_to_dict(config)
-    bad = diff(old, new, SHAPE_FIELDS)
+    fields = SHAPE_FIELDS + LOSS_FIELDS
+    if _flatten(old).get("cm.metric") == "lpips":
+        fields += LPIPS_FIELDS
+    bad = diff(old, new, fields)
     if bad:
         fo, fn = _flatten(old), _flatten(new)
         lines = [f"  {k}: saved {fo.get(k, '<missing>')!r}, now {fn.get(k, '<missing>')!r}"
                  for k in bad]
         raise IncompatibleWorkdirError(
-            f"workdir {workdir!r} holds a run with a different model/state shape; nothing "
-            "was changed there. Use a new --workdir, or the saved config. Differences:\n"
+            f"workdir {workdir!r} holds a run with a different model/state shape or loss; "
+            "nothing was changed there. Use a new --workdir, or the saved values (e.g. "
+            "--config.cm.metric=<saved>). Differences:\n"
             + "\n".join(lines))
     return diff(old, new)
 

@@ -101,7 +101,8 @@ class EvalConfig:
                 raise ValueError(
                     f"eval.samplers {self.samplers}: this is an EDM (diffusion) run, whose "
                     "samplers are ODE solvers named '<solver><steps>' with solver heun or "
-                    "euler, e.g. --config.eval.samplers='(\"heun18\",)'")
+                    "euler, e.g. --config configs/cifar10_edm.py "
+                    "--config.eval.samplers='(\"heun18\",\"euler50\")'")
             return
         bad = [s for s in self.samplers if s not in SAMPLERS]
         if bad or not self.samplers:
@@ -281,6 +282,14 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
     saved = workdir.load_config(run_dir)
     diffusion = saved.cm.loss == "edm"
     ev = _eval_settings(saved, config)
+    if diffusion and ev.samplers and all(s in SAMPLERS for s in ev.samplers):
+        # Consistency sampler names only (e.g. the base default, or a run saved before
+        # EDM evaluation existed): evaluate the run's own ODE sampler instead.
+        own = f"{saved.sample.solver}{saved.sample.steps}"
+        logging.warning("eval.samplers %s are consistency samplers; this EDM run is "
+                        "evaluated with its sample.solver / sample.steps: %s",
+                        list(ev.samplers), own)
+        ev = dataclasses.replace(ev, samplers=(own,))
     ev.validate(diffusion)
     data_cfg = data.DataConfig.from_config(saved)
     ckpt = checkpoints.Checkpointer(run_dir)

@@ -91,7 +91,7 @@ def test_edm_config_trains_and_samples(tmp_path):
     # --mode eval: ODE samplers by name; consistency sampler names are refused.
     ev = workdir.load_config(str(tmp_path))
     assert tuple(ev.eval.samplers) == ("heun18",)  # cifar10_edm's default
-    ev.eval.samplers = ("1step", "2step")
+    ev.eval.samplers = ("1step", "heun2")  # a mix: refused
     with pytest.raises(ValueError, match="heun18"):
         eval_run.evaluate(str(tmp_path), ev)
     ev.eval.samplers, ev.eval.n_samples, ev.eval.batch_size = ("heun2", "euler3"), 8, 8
@@ -103,6 +103,14 @@ def test_edm_config_trains_and_samples(tmp_path):
     assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] > 0 for r in rows)
     assert rows[0]["fd_pixels"] != rows[1]["fd_pixels"]
     assert eval_run.evaluate(str(tmp_path), ev) == rows  # done rows are not recomputed
+    # Consistency names only (e.g. a run saved before EDM evaluation existed): the run's
+    # own sampler, sample.solver + sample.steps, is evaluated instead.
+    ev.eval.samplers = ("1step", "2step")
+    ev.sample.solver, ev.sample.steps = "euler", 3
+    saved = workdir.load_config(str(tmp_path))
+    saved.sample.solver, saved.sample.steps = "euler", 3
+    workdir.write_config(str(tmp_path), saved)
+    assert eval_run.evaluate(str(tmp_path), ev) == [rows[1]]  # euler3, already done
 
 
 def test_eval_sampler_names_follow_the_kind_of_model():

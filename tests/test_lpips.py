@@ -265,6 +265,8 @@ def test_distance_metric_lpips_is_lpips_distance_with_the_config_settings():
         consistency.distance(a, b, "lpips", -1.0)
     with pytest.raises(ValueError, match="lpips_pool"):
         consistency.CMConfig(metric="lpips", lpips_pool="min")
+    with pytest.raises(ValueError, match="at least 16"):  # VGG16 would pool 8x8 to nothing
+        consistency.CMConfig(metric="lpips", lpips_resize=8)
 
 
 def _rgb_config(tmp_path, size=16):

@@ -134,6 +134,10 @@ def test_incompatible_workdir_fails_without_touching_it(uninterrupted):
     config = tiny_config(**{"model.nf": 16})
     with pytest.raises(workdir.IncompatibleWorkdirError, match="model.nf"):
         train.train(config, run_dir)
+    # The loss is part of the run too: resuming with another metric is refused.
+    config = tiny_config(**{"training.transfer_guard": "disallow", "cm.metric": "l2"})
+    with pytest.raises(workdir.IncompatibleWorkdirError, match="cm.metric"):
+        train.train(config, run_dir)
     assert open(os.path.join(run_dir, "config.json")).read() == before
 
 
