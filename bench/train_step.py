@@ -62,18 +62,28 @@ def _median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
-    setup = train.Setup(config)
-    state = setup.init_state()
+def random_frozen(setup: train.Setup, params):
+    """The step's frozen inputs with random weights (the same cost as trained ones).
+
+    Returns (frozen, teacher_apply_fn): for CD a teacher of the student's shape (a copy
+    of `params`), for `cm.metric=lpips` randomly initialised LPIPS weights.
+    """
     teacher_apply, frozen = None, {}
-    if setup.cm.loss == "cd":  # a random teacher of the student's shape: the same cost
+    if setup.cm.loss == "cd":
         teacher_apply = setup.apply_fn
-        frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, state.params)
-    if setup.cm.uses_lpips:  # random LPIPS weights: the same cost as the released ones
+        frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, params)
+    if setup.cm.uses_lpips:
         from cm import lpips
 
         frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
                                          setup.replicated)
+    return frozen, teacher_apply
+
+
+def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
+    setup = train.Setup(config)
+    state = setup.init_state()
+    frozen, teacher_apply = random_frozen(setup, state.params)
     ema_rates = tuple(config.training.ema_rates)
     step_fn = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, ema_rates,
                                          setup.mesh, setup.step_key,

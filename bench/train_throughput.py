@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import assignment  # noqa: E402
+from bench.train_step import random_frozen  # noqa: E402
 from cm import data, input_pipeline, train, train_step  # noqa: E402
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
@@ -64,12 +65,7 @@ def make_runner(config, images: np.ndarray, method: str, where: str, steps: dict
             setup.mesh, setup.step_key,
             device_assign=input_pipeline.device_assign_fn(config.assignment))
     step_fn = steps[key]
-    frozen = {}
-    if setup.cm.uses_lpips:  # random LPIPS weights: the released ones cost the same
-        from cm import lpips
-
-        frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
-                                         setup.replicated)
+    frozen, _ = random_frozen(setup, state.params)  # CT configs: random LPIPS weights
     batcher = data.Batcher(images, config.training.batch_size, 0, random_flip=False)
     place = functools.partial(train_step.shard_batch, mesh=setup.mesh)  # as cm.train does
     pipe = input_pipeline.make_input(config, batcher, 0, jax.local_device_count(), place)
