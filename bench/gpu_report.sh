@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # One prepared script for a GPU machine (issues 5 and 7). Sections, in order:
 #   ct     the CIFAR-10 CT config (NCSN++, LPIPS at 224) at global batch 512, bfloat16
-#          and float32: the bare step (FLOPs, fraction of peak, update and batch-copy
-#          shares) and the real input path with and without `linear` (ratio in one run);
+#          and float32: the bare step (FLOPs, fraction of peak, memory, update and
+#          batch-copy shares) and the real input path with and without `linear` (ratio
+#          in one run; at batch 256 as well if 512 does not fit the device);
 #   fid    the FID feature-extraction rate;
 #   edm    EDM and CD training steps at batch 512 in bfloat16;
 #   huber  the CT step with pseudo-Huber instead of LPIPS (what LPIPS costs).
 # On an H200 (2026-11-26) the first compile of the CT step took 2-2.5 min; `ct` alone
 # needs about 9 minutes, so with a 15-minute device budget run `SECTIONS="ct fid"` in one
 # call and the rest in a later session. A persistent compilation cache lets the
-# throughput runs reuse the bare step's program. Each python call has its own limit.
+# throughput runs reuse the bare step's program. Each python call has its own limit
+# (LIMIT seconds); the script ends with the list of calls that failed, exit status 1.
 #   pip install -r requirements.txt "jax[cuda12]==0.10.2" && SECTIONS="ct fid" bash bench/gpu_report.sh
+# SMOKE=1 runs every command with the :smoke networks at batch 16 on whatever backend is
+# present (tests/test_bench.py runs it on the CPU, so the command lines stay valid).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/immiscible_cm_jax_cache}"
@@ -19,28 +23,60 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}"
 PY="${PYTHON:-python3}"
 SECTIONS="${SECTIONS:-ct fid edm huber}"
-LIMIT="${LIMIT:-400}"  # seconds per section; the first CT compile alone took ~2.5 min
-quiet() { grep -v "^[WI][0-9]" || true; }
+DTYPES="${DTYPES:-bfloat16 float32}"  # of the ct section
+LIMIT="${LIMIT:-400}"  # seconds per call; the first CT compile alone took ~2.5 min
+if [[ -n "${SMOKE:-}" ]]; then
+  BATCH=16 SMALL=8 SUFFIX=":smoke" TT=(--smoke) STEPS=1 WINDOWS=1 FID=(--n 16 --batch-size 8)
+else
+  BATCH=512 SMALL=256 SUFFIX="" TT=() STEPS=5 WINDOWS=2 FID=(--n 10000 --batch-size 500)
+fi
+FAILED=()
 section() { echo; echo "== $1 ($(date +%T))"; }
 wanted() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# run NAME ARGS...: python ARGS under the time limit, absl's W/I log lines dropped.
+run() {
+  local name=$1 rc
+  shift
+  timeout "$LIMIT" "$PY" "$@" 2>&1 | { grep -v "^[WI][0-9]" || true; }
+  rc=${PIPESTATUS[0]}
+  [[ $rc == 0 ]] || FAILED+=("$name: exit $rc")
+  return "$rc"
+}
+step() {  # step NAME CONFIG DTYPE [FLAGS...]: the bare jitted step at batch $BATCH
+  local name=$1 cfg=$2 dtype=$3
+  shift 3
+  section "bare train step: $name, batch $BATCH, $dtype"
+  run "step $name $dtype" -m bench.train_step --config "configs/$cfg.py$SUFFIX" \
+      --config.training.batch_size="$BATCH" --config.model.dtype="$dtype" \
+      --steps $((2 * STEPS)) --windows "$WINDOWS" "$@"
+}
+throughput() {  # throughput BATCH DTYPE: none vs linear through the real input path
+  section "training throughput, none vs linear: cifar10_ct, batch $1, $2"
+  run "throughput batch $1 $2" -m bench.train_throughput --configs cifar10_ct \
+      --cifar-batch "$1" "${TT[@]}" --dtype "$2" --methods none,linear --steps "$STEPS" \
+      --windows "$WINDOWS"
+}
 
-wanted ct && for dtype in bfloat16 float32; do
-  section "bare train step: cifar10_ct (LPIPS), batch 512, $dtype"
-  timeout "$LIMIT" "$PY" -m bench.train_step --config configs/cifar10_ct.py \
-      --config.model.dtype="$dtype" --steps 10 --windows 2 2>&1 | quiet
-  section "training throughput, none vs linear: cifar10_ct, batch 512, $dtype"
-  timeout "$LIMIT" "$PY" -m bench.train_throughput --configs cifar10_ct --cifar-batch 512 \
-      --dtype "$dtype" --methods none,linear --steps 5 --windows 2 2>&1 | quiet
-done
-wanted fid && section "FID feature extraction (random weights, same cost as the real ones)" &&
-timeout "$LIMIT" "$PY" bench/fid.py --n 10000 --batch-size 500 --no-torch 2>&1 | quiet
-wanted edm && for cfg in cifar10_edm cifar10_cd; do
-  section "bare train step: $cfg, batch 512, bfloat16"
-  timeout "$LIMIT" "$PY" -m bench.train_step --config "configs/$cfg.py" \
-      --config.model.dtype=bfloat16 --steps 5 --windows 2 2>&1 | quiet
-done
-wanted huber && section "bare train step: cifar10_ct with pseudo_huber, batch 512, bfloat16" &&
-timeout "$LIMIT" "$PY" -m bench.train_step --config configs/cifar10_ct.py \
-    --config.model.dtype=bfloat16 --config.cm.metric=pseudo_huber --steps 5 --windows 2 \
-    2>&1 | quiet
+if wanted ct; then
+  for dtype in $DTYPES; do
+    step "cifar10_ct (LPIPS)" cifar10_ct "$dtype"
+    # The step's memory needs are printed first; a step that does not fit is reported
+    # (exit 1) instead of crashing, and the ratio is then measured at a smaller batch.
+    throughput "$BATCH" "$dtype" || { [[ $? == 1 ]] && throughput "$SMALL" "$dtype"; }
+  done
+fi
+if wanted fid; then
+  section "FID feature extraction (random weights, same cost as the real ones)"
+  run "fid" bench/fid.py "${FID[@]}" --no-torch
+fi
+if wanted edm; then
+  for cfg in cifar10_edm cifar10_cd; do step "$cfg" "$cfg" bfloat16; done
+fi
+if wanted huber; then
+  step "cifar10_ct with pseudo_huber" cifar10_ct bfloat16 --config.cm.metric=pseudo_huber
+fi
 section "done"
+if (( ${#FAILED[@]} )); then
+  printf 'failed: %s\n' "${FAILED[@]}"
+  exit 1
+fi

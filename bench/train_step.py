@@ -53,6 +53,35 @@ def peak_for(device, dtype: str) -> float | None:
     return None
 
 
+GIB = 2**30
+
+
+def is_out_of_memory(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err)
+
+
+def memory_line(compiled) -> tuple[str, float]:
+    """The compiled step's memory needs as a printable line, and their sum in bytes.
+
+    XLA's buffer assignment: arguments (the state, the batch, frozen weights), outputs
+    not aliased to a donated argument, and scratch. Compare with the device's
+    `bytes_limit` (printed beside it on a GPU)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return "memory analysis unavailable", 0.0
+    need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes \
+        + m.temp_size_in_bytes
+    line = (f"step memory: arguments {m.argument_size_in_bytes / GIB:.2f} GiB, scratch "
+            f"{m.temp_size_in_bytes / GIB:.2f} GiB, total {need / GIB:.2f} GiB")
+    return line, float(need)
+
+
+def device_limit() -> float | None:
+    """Bytes the allocator may use on device 0 (GPU / TPU), None where unknown (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
 def _median_seconds(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -98,7 +127,7 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
 
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, batch, frozen)
-    lowered.compile()
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     # FLOPs of the program before backend optimisation: on GPUs the compiled module
     # hands convolutions to cuDNN custom calls, which XLA's cost analysis does not count
@@ -107,6 +136,13 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
+    memory, need = memory_line(compiled)
+    limit = device_limit()
+    if limit and need > limit:
+        raise SystemExit(f"{memory}: more than the {limit / GIB:.1f} GiB the allocator may "
+                         "use; lower --config.training.batch_size or raise "
+                         "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    step_fn = compiled  # the program just compiled (a jitted call would compile again)
     state, metrics = step_fn(state, batch, frozen)  # warm up
     jax.block_until_ready(metrics)
     rates = []
@@ -121,7 +157,8 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
            "devices": jax.device_count(), "batch": b, "loss": setup.cm.loss,
            "params": model.count_params(state.params),
            "compile_s": compile_s, "steps_per_s": sps, "images_per_s": sps * b,
-           "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12}
+           "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12,
+           "memory": memory + (f" (device limit {limit / GIB:.2f} GiB)" if limit else "")}
     peak = peak_for(jax.devices()[0], config.model.dtype)
     if peak and flops:
         out["fraction_of_peak"] = flops * sps / (peak * jax.device_count())
@@ -148,7 +185,7 @@ def main(argv):
     print(f"backend {r['backend']} ({r['device']} x{r['devices']}), cm.loss {r['loss']} "
           f"metric {FLAGS.config.cm.metric}, "
           f"params {r['params']:,}, global batch {r['batch']}, dtype {FLAGS.config.model.dtype}")
-    print(f"compile {r['compile_s']:.1f} s")
+    print(f"compile {r['compile_s']:.1f} s; {r['memory']}")
     print(f"{r['steps_per_s']:.3f} steps/s  {r['images_per_s']:.1f} images/s")
     print(f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA cost analysis)  "
           f"{r['tflops_per_s']:.2f} TFLOP/s achieved")

@@ -24,17 +24,23 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import assignment  # noqa: E402
-from bench.train_step import random_frozen  # noqa: E402
+from bench.train_step import GIB, device_limit, is_out_of_memory, memory_line, random_frozen  # noqa: E402
 from cm import data, input_pipeline, train, train_step  # noqa: E402
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
 
-def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32", metric: str = ""):
+def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32", metric: str = "",
+                 smoke: bool = False):
     """3x32x32 images; the small smoke network, or the real CIFAR-10 CT one (`full`).
 
     `metric` overrides `cm.metric` (the real config uses LPIPS, with random weights here).
+    `smoke` shrinks the real config's network (`cifar10_ct.py:smoke`), to check on a CPU
+    that a GPU command line runs.
     """
-    config = cifar10_ct.get_config() if full else base.shrink(base.get_config())
+    if full:
+        config = cifar10_ct.get_config("smoke" if smoke else None)
+    else:
+        config = base.shrink(base.get_config())
     if metric:
         config.cm.metric = metric
     config.data.name = "npz"  # images are supplied directly below
@@ -43,33 +49,43 @@ def cifar_shaped(batch: int, full: bool = False, dtype: str = "float32", metric:
     return config
 
 
-def make_runner(config, images: np.ndarray, method: str, where: str, steps: dict):
-    """A closure that runs `n` training steps of `method`; returns their wall time.
+class Shared:
+    """What every method of one config shares: the setup, one training state and its
+    frozen inputs, and the compiled step per assignment path.
 
-    `steps` caches the jitted step by assignment path: every host-path method runs the
-    same program (assignment happens before it), so one executable serves them all.
-    With a separate step per method, the LPIPS CT step at batch 512 (55 GiB of scratch
-    in bfloat16) ran out of memory on an H200 while warming up the methods, where
-    the bare step alone runs; sharing the executable is meant to avoid that (not yet
-    re-run on a GPU).
+    Every host-path method runs the same program (assignment happens before it), so
+    one executable serves them all, and the methods take turns advancing one state.
+    With a state and an executable per method, the LPIPS CT step at batch 512 ran out
+    of memory on an H200 while warming up the second method, where the bare step alone
+    runs (the bf16 step asked for 55 GiB of scratch).
     """
-    config = config.copy_and_resolve_references()
-    config.assignment.method = method
-    config.assignment.where = where
-    setup = train.Setup(config)
-    state = setup.init_state()
-    key = (method, where) if where == "device" else "host"
-    if key not in steps:
-        steps[key] = train_step.make_train_step(
-            setup.apply_fn, setup.cm, setup.tx, tuple(config.training.ema_rates),
-            setup.mesh, setup.step_key,
-            device_assign=input_pipeline.device_assign_fn(config.assignment))
-    step_fn = steps[key]
-    frozen, _ = random_frozen(setup, state.params)  # CT configs: random LPIPS weights
-    batcher = data.Batcher(images, config.training.batch_size, 0, random_flip=False)
-    place = functools.partial(train_step.shard_batch, mesh=setup.mesh)  # as cm.train does
-    pipe = input_pipeline.make_input(config, batcher, 0, jax.local_device_count(), place)
-    holder = {"state": state, "waited": 0.0}
+
+    def __init__(self, config):
+        self.setup = train.Setup(config)
+        self.holder = {"state": self.setup.init_state()}
+        self.frozen, _ = random_frozen(self.setup, self.holder["state"].params)
+        self.compiled = {}
+
+    def compile(self, a, batch):
+        """(the compiled step for assignment config `a`, its memory line, bytes needed);
+        compiled once per path (host, or each in-step method)."""
+        key = (a.method, a.where) if a.where == "device" else "host"
+        if key not in self.compiled:
+            s = self.setup
+            step = train_step.make_train_step(
+                s.apply_fn, s.cm, s.tx, tuple(s.config.training.ema_rates), s.mesh,
+                s.step_key, device_assign=input_pipeline.device_assign_fn(a))
+            compiled = step.lower(self.holder["state"], batch, self.frozen).compile()
+            self.compiled[key] = (compiled, *memory_line(compiled))
+        return self.compiled[key]
+
+
+def make_runner(shared: Shared, step_fn, pipe):
+    """A closure that runs `n` training steps of compiled `step_fn` on batches from
+    `pipe` (the real input path of `cm.train`: deterministic host batches, assignment
+    in the background pipeline, batches placed on the mesh in that thread); returns
+    their wall time. `waited` accumulates the time spent waiting for batches."""
+    waited = {"s": 0.0}
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
@@ -77,34 +93,65 @@ def make_runner(config, images: np.ndarray, method: str, where: str, steps: dict
         for _ in range(n):
             tw = time.perf_counter()
             batch, _ = assignment.split_diagnostics(next(pipe))
-            holder["waited"] += time.perf_counter() - tw
-            holder["state"], metrics = step_fn(holder["state"], batch, frozen)
+            waited["s"] += time.perf_counter() - tw
+            shared.holder["state"], metrics = step_fn(shared.holder["state"], batch,
+                                                      shared.frozen)
         jax.block_until_ready(metrics)
         return time.perf_counter() - t0
 
-    return run, pipe, holder
+    return run, waited
 
 
-def bench_config(name, config, images, methods, steps, windows):
-    runners, steps_by_path = {}, {}
-    for m in methods:
-        method, _, where = m.partition("@")
-        runners[m] = make_runner(config, images, method, where or "host", steps_by_path)
-        runners[m][0](2)  # compile and warm up
-        runners[m][2]["waited"] = 0.0
-    times = {m: [] for m in methods}
-    for _ in range(windows):
+def bench_config(name, config, images, methods, steps, windows) -> bool:
+    """Prints one row per method; False (with the reason) if the config did not fit."""
+    shared = Shared(config)
+    runners, pipes, limit = {}, [], device_limit()
+    try:
         for m in methods:
-            times[m].append(runners[m][0](steps))
+            method, _, where = m.partition("@")
+            cfg = config.copy_and_resolve_references()
+            cfg.assignment.method, cfg.assignment.where = method, where or "host"
+            batcher = data.Batcher(images, cfg.training.batch_size, 0, random_flip=False)
+            place = functools.partial(train_step.shard_batch, mesh=shared.setup.mesh)
+            pipes.append(input_pipeline.make_input(cfg, batcher, 0, jax.local_device_count(),
+                                                   place))
+            fresh = len(shared.compiled)
+            batch, _ = assignment.split_diagnostics(next(pipes[-1]))
+            step_fn, line, need = shared.compile(cfg.assignment, batch)
+            if len(shared.compiled) > fresh:  # a new program: report what it needs
+                if limit:
+                    line += f" (device limit {limit / GIB:.2f} GiB)"
+                print(f"{name:<14} {m:<14} {line}", flush=True)
+                if limit and need > limit:
+                    print(f"{name:<14} skipped: the step needs {need / GIB:.1f} GiB, more "
+                          f"than the {limit / GIB:.1f} GiB the allocator may use; use a "
+                          "smaller --cifar-batch or raise XLA_PYTHON_CLIENT_MEM_FRACTION",
+                          flush=True)
+                    return False
+            runners[m] = make_runner(shared, step_fn, pipes[-1])
+            runners[m][0](2)  # warm up
+            runners[m][1]["s"] = 0.0
+        times = {m: [] for m in methods}
+        for _ in range(windows):
+            for m in methods:
+                times[m].append(runners[m][0](steps))
+    except jax.errors.JaxRuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        print(f"{name:<14} out of device memory: {str(err).splitlines()[0][:300]}",
+              flush=True)
+        return False
+    finally:
+        for pipe in pipes:
+            pipe.close()
     b = config.training.batch_size
     base_rate = steps * b / float(np.median(times["none"]))
     for m in methods:
         rate = steps * b / float(np.median(times[m]))
-        wait = runners[m][2]["waited"] / float(np.sum(times[m]))
+        wait = runners[m][1]["s"] / float(np.sum(times[m]))
         print(f"{name:<14} {m:<14} {rate:>10.1f} {rate / base_rate:>8.3f} {100 * wait:>8.1f}",
               flush=True)
-    for _, pipe, _ in runners.values():
-        pipe.close()
+    return True
 
 
 def main():
@@ -116,6 +163,8 @@ def main():
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="model.dtype: float32 | bfloat16")
     parser.add_argument("--metric", default="", help="cm.metric override, e.g. pseudo_huber")
+    parser.add_argument("--smoke", action="store_true",
+                        help="cifar10_ct with the :smoke network (a CPU check of the command)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     if methods[0] != "none":
@@ -124,18 +173,21 @@ def main():
           f"{jax.device_count()}), {os.cpu_count()} CPUs, "
           f"auto solver {assignment.resolve_solver('auto')}")
     print(f"{'config':<14} {'method':<14} {'img/s':>10} {'x none':>8} {'wait %':>8}")
+    ok = True
     for name in args.configs.split(","):
         if name == "quickstart":
             config = quickstart.get_config()
             images = data.load_images(data.DataConfig.from_config(config))
         elif name in ("cifar", "cifar10_ct"):
             config = cifar_shaped(args.cifar_batch, full=name == "cifar10_ct", dtype=args.dtype,
-                                  metric=args.metric)
+                                  metric=args.metric, smoke=args.smoke)
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8)
         else:
             raise SystemExit(f"unknown config {name!r}: quickstart | cifar | cifar10_ct")
-        bench_config(name, config, images, methods, args.steps, args.windows)
+        ok &= bench_config(name, config, images, methods, args.steps, args.windows)
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The benchmark scripts run (on the 8 simulated CPU devices), report what they claim,
+and refuse a step that does not fit the device instead of crashing on it."""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bench import train_step as bench_step
+from bench import train_throughput
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
+def rows(text: str) -> dict:
+    """method -> (img/s, ratio to none) from the printed table."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] == "cifar":
+            out[parts[1]] = (float(parts[2]), float(parts[3]))
+    return out
+
+
+def test_throughput_shares_one_program_across_host_methods(images, capsys):
+    config = train_throughput.cifar_shaped(16)
+    ok = train_throughput.bench_config("cifar", config, images,
+                                       ["none", "linear", "knn@device"], steps=1, windows=1)
+    text = capsys.readouterr().out
+    assert ok
+    # One program for the host path (none and linear) and one for in-step knn.
+    assert text.count("step memory:") == 2, text
+    table = rows(text)
+    assert set(table) == {"none", "linear", "knn@device"}, text
+    assert table["none"][1] == 1.0
+    assert all(rate > 0 for rate, _ in table.values())
+
+
+def test_throughput_skips_a_step_larger_than_the_device(images, capsys, monkeypatch):
+    monkeypatch.setattr(train_throughput, "device_limit", lambda: 1024.0)
+    ok = train_throughput.bench_config("cifar", train_throughput.cifar_shaped(16), images,
+                                       ["none", "linear"], steps=1, windows=1)
+    text = capsys.readouterr().out
+    assert not ok
+    assert "skipped: the step needs" in text and "device limit 0.00 GiB" in text
+    assert rows(text) == {}  # nothing was timed
+
+
+def test_train_step_bench_reports_flops_memory_and_breakdown():
+    config = train_throughput.cifar_shaped(16)
+    config.data.name = "digits"  # the bench builds its own random batch of this shape
+    config.data.image_size, config.data.num_channels = 32, 3
+    r = bench_step.benchmark(config, steps=1, windows=1)
+    assert r["steps_per_s"] > 0 and r["images_per_s"] == pytest.approx(16 * r["steps_per_s"])
+    assert r["flops_per_step"] > 1e9  # a NCSN++ forward and backward over 16 images
+    assert "scratch" in r["memory"] and r["update_s"] > 0 and r["transfer_s"] > 0
+    assert "fraction_of_peak" not in r  # no known peak on a CPU
+
+
+def test_train_step_bench_refuses_a_step_larger_than_the_device(monkeypatch):
+    monkeypatch.setattr(bench_step, "device_limit", lambda: 1024.0)
+    config = train_throughput.cifar_shaped(16)
+    with pytest.raises(SystemExit, match="more than the 0.0 GiB"):
+        bench_step.benchmark(config, steps=1, windows=1, breakdown=False)
+
+
+def test_throughput_reports_running_out_of_memory(images, capsys, monkeypatch):
+    def oom_runner(shared, step_fn, pipe):
+        def run(n):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while "
+                                             "trying to allocate 59318312960 bytes.")
+        return run, {"s": 0.0}
+
+    monkeypatch.setattr(train_throughput, "make_runner", oom_runner)
+    ok = train_throughput.bench_config("cifar", train_throughput.cifar_shaped(16), images,
+                                       ["none", "linear"], steps=1, windows=1)
+    text = capsys.readouterr().out
+    assert not ok
+    assert "out of device memory: RESOURCE_EXHAUSTED" in text and rows(text) == {}
+
+
+def test_gpu_report_command_lines_run(tmp_path):
+    """bench/gpu_report.sh (run rarely, on a borrowed GPU) with its :smoke networks on the
+    CPU: every command line it builds parses and runs (ct in bfloat16, and fid)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SMOKE="1", SECTIONS="ct fid", DTYPES="bfloat16",
+               PYTHON=sys.executable, LIMIT="300",
+               JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
+    proc = subprocess.run(["bash", os.path.join(root, "bench", "gpu_report.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "failed:" not in out and "== done" in out
+    assert "step memory:" in out and "GFLOP/step" in out and "optimiser + EMA update" in out
+    assert re.search(r"cifar10_ct\s+linear\s+[\d.]+\s+[\d.]+", out), out
+    assert "flax pool_features" in out
