@@ -61,6 +61,8 @@ def test_train_step_bench_reports_flops_memory_and_breakdown():
     assert r["steps_per_s"] > 0 and r["images_per_s"] == pytest.approx(16 * r["steps_per_s"])
     assert r["flops_per_step"] > 1e9  # a NCSN++ forward and backward over 16 images
     assert "scratch" in r["memory"] and r["update_s"] > 0 and r["transfer_s"] > 0
+    # Host time per call: positive, and (asynchronous dispatch) at most the call's share.
+    assert 0 < r["dispatch_s"] <= 1.0 / r["steps_per_s"] and r["update_dispatch_s"] > 0
     assert "fraction_of_peak" not in r  # no known peak on a CPU
 
 
@@ -99,5 +101,6 @@ def test_gpu_report_command_lines_run(tmp_path):
     assert proc.returncode == 0, out + proc.stderr
     assert "failed:" not in out and "== done" in out
     assert "step memory:" in out and "GFLOP/step" in out and "optimiser + EMA update" in out
+    assert "host time per step call" in out
     assert re.search(r"cifar10_ct\s+linear\s+[\d.]+\s+[\d.]+", out), out
     assert "flax pool_features" in out
