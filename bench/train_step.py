@@ -63,26 +63,48 @@ def is_out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "Out of memory" in str(err)
 
 
-def memory_line(compiled) -> tuple[str, float]:
-    """The compiled step's memory needs as a printable line, and their sum in bytes.
+def memory_line(compiled) -> tuple[str, str | None]:
+    """(the compiled step's memory needs as a printable line, None or why it cannot run).
 
     XLA's buffer assignment: arguments (the state, the batch, frozen weights), outputs
-    not aliased to a donated argument, and scratch. Compare with the device's
-    `bytes_limit` (printed beside it on a GPU)."""
+    not aliased to a donated argument, and scratch, against the allocator's
+    `bytes_limit` on device 0 (GPU / TPU; CPUs report none, and are not checked)."""
     m = compiled.memory_analysis()
     if m is None:
-        return "memory analysis unavailable", 0.0
+        return "memory analysis unavailable", None
     need = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes \
         + m.temp_size_in_bytes
     line = (f"step memory: arguments {m.argument_size_in_bytes / GIB:.2f} GiB, scratch "
             f"{m.temp_size_in_bytes / GIB:.2f} GiB, total {need / GIB:.2f} GiB")
-    return line, float(need)
+    limit = device_limit()
+    if not limit:
+        return line, None
+    line += f" (device limit {limit / GIB:.2f} GiB)"
+    too_big = None
+    if need > limit:
+        too_big = (f"the step needs {need / GIB:.1f} GiB, more than the {limit / GIB:.1f} GiB "
+                   "the allocator may use; use a smaller batch or raise "
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    return line, too_big
 
 
 def device_limit() -> float | None:
     """Bytes the allocator may use on device 0 (GPU / TPU), None where unknown (CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
+
+
+def back_to_back(call, n: int) -> tuple[float, float]:
+    """Runs `call()` (which returns device arrays) `n` times without waiting, as training
+    does; (wall seconds per call once the device is done, median host seconds per call)."""
+    hosts, out = [], None
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tc = time.perf_counter()
+        out = call()
+        hosts.append(time.perf_counter() - tc)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n, float(np.median(hosts))
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -139,32 +161,28 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
-    memory, need = memory_line(compiled)
-    limit = device_limit()
-    if limit and need > limit:
-        raise SystemExit(f"{memory}: more than the {limit / GIB:.1f} GiB the allocator may "
-                         "use; lower --config.training.batch_size or raise "
-                         "XLA_PYTHON_CLIENT_MEM_FRACTION")
+    memory, too_big = memory_line(compiled)
+    if too_big:
+        raise SystemExit(f"{memory}: {too_big}")
     step_fn = compiled  # the program just compiled (a jitted call would compile again)
-    state, metrics = step_fn(state, batch, frozen)  # warm up
-    jax.block_until_ready(metrics)
-    rates, calls = [], []
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            tc = time.perf_counter()
-            state, metrics = step_fn(state, batch, frozen)
-            calls.append(time.perf_counter() - tc)
-        jax.block_until_ready(metrics)
-        rates.append(steps / (time.perf_counter() - t0))
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step_fn(holder["state"], batch, frozen)
+        return metrics
+
+    back_to_back(one_step, 1)  # warm up
+    windows_s = [back_to_back(one_step, steps) for _ in range(windows)]
+    rates = [1.0 / per_step for per_step, _ in windows_s]
+    state = holder["state"]
     sps = float(np.median(rates))
     out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "batch": b, "loss": setup.cm.loss,
            "params": model.count_params(state.params),
            "compile_s": compile_s, "steps_per_s": sps, "images_per_s": sps * b,
            "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12,
-           "dispatch_s": float(np.median(calls)),
-           "memory": memory + (f" (device limit {limit / GIB:.2f} GiB)" if limit else "")}
+           "dispatch_s": float(np.median([host for _, host in windows_s])),
+           "memory": memory}
     peak = peak_for(jax.devices()[0], config.model.dtype)
     if peak and flops:
         out["fraction_of_peak"] = flops * sps / (peak * jax.device_count())
@@ -175,17 +193,12 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
         grads = jax.tree.map(lambda p: p * 1e-3, state.params)
         holder = {"state": update(state, grads)}  # compile; `state` is donated from here
 
-        n = max(steps, 5)
-        for _ in range(2):  # the second round is reported (the first warms up)
-            calls = []
-            t0 = time.perf_counter()
-            for _ in range(n):
-                tc = time.perf_counter()
-                holder["state"] = update(holder["state"], grads)
-                calls.append(time.perf_counter() - tc)
-            jax.block_until_ready(holder["state"].step)
-            out["update_s"] = (time.perf_counter() - t0) / n
-        out["update_dispatch_s"] = float(np.median(calls))
+        def one_update():
+            holder["state"] = update(holder["state"], grads)
+            return holder["state"].step
+
+        back_to_back(one_update, 2)  # warm up
+        out["update_s"], out["update_dispatch_s"] = back_to_back(one_update, max(steps, 5))
         out["transfer_s"] = _median_seconds(
             lambda: train_step.shard_batch(host, setup.mesh), max(steps, 5))
     return out

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import assignment  # noqa: E402
-from bench.train_step import GIB, device_limit, is_out_of_memory, memory_line, random_frozen  # noqa: E402
+from bench.train_step import is_out_of_memory, memory_line, random_frozen  # noqa: E402
 from cm import data, input_pipeline, train, train_step  # noqa: E402
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
@@ -67,17 +67,19 @@ class Shared:
         self.compiled = {}
 
     def compile(self, a, batch):
-        """(the compiled step for assignment config `a`, its memory line, bytes needed);
-        compiled once per path (host, or each in-step method)."""
+        """(the compiled step for assignment config `a`, its memory line, None or why it
+        does not fit, whether it was new); compiled once per path (host, or each in-step
+        method)."""
         key = (a.method, a.where) if a.where == "device" else "host"
-        if key not in self.compiled:
+        new = key not in self.compiled
+        if new:
             s = self.setup
             step = train_step.make_train_step(
                 s.apply_fn, s.cm, s.tx, tuple(s.config.training.ema_rates), s.mesh,
                 s.step_key, device_assign=input_pipeline.device_assign_fn(a))
             compiled = step.lower(self.holder["state"], batch, self.frozen).compile()
             self.compiled[key] = (compiled, *memory_line(compiled))
-        return self.compiled[key]
+        return (*self.compiled[key], new)
 
 
 def make_runner(shared: Shared, step_fn, pipe):
@@ -105,7 +107,7 @@ def make_runner(shared: Shared, step_fn, pipe):
 def bench_config(name, config, images, methods, steps, windows) -> bool:
     """Prints one row per method; False (with the reason) if the config did not fit."""
     shared = Shared(config)
-    runners, pipes, limit = {}, [], device_limit()
+    runners, pipes = {}, []
     try:
         for m in methods:
             method, _, where = m.partition("@")
@@ -115,18 +117,12 @@ def bench_config(name, config, images, methods, steps, windows) -> bool:
             place = functools.partial(train_step.shard_batch, mesh=shared.setup.mesh)
             pipes.append(input_pipeline.make_input(cfg, batcher, 0, jax.local_device_count(),
                                                    place))
-            fresh = len(shared.compiled)
             batch, _ = assignment.split_diagnostics(next(pipes[-1]))
-            step_fn, line, need = shared.compile(cfg.assignment, batch)
-            if len(shared.compiled) > fresh:  # a new program: report what it needs
-                if limit:
-                    line += f" (device limit {limit / GIB:.2f} GiB)"
+            step_fn, line, too_big, new = shared.compile(cfg.assignment, batch)
+            if new:  # a new program: report what it needs
                 print(f"{name:<14} {m:<14} {line}", flush=True)
-                if limit and need > limit:
-                    print(f"{name:<14} skipped: the step needs {need / GIB:.1f} GiB, more "
-                          f"than the {limit / GIB:.1f} GiB the allocator may use; use a "
-                          "smaller --cifar-batch or raise XLA_PYTHON_CLIENT_MEM_FRACTION",
-                          flush=True)
+                if too_big:
+                    print(f"{name:<14} skipped: {too_big} (--cifar-batch)", flush=True)
                     return False
             runners[m] = make_runner(shared, step_fn, pipes[-1])
             runners[m][0](2)  # warm up
