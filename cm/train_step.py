@@ -1,8 +1,8 @@
 """The pure training step `(state, batch) -> (state, metrics)` over a ('data',) mesh.
 
 Each device gets one shard of the global batch (`jax.shard_map`), computes the
-consistency loss on it, and the gradients are averaged across the `data` axis. The
-optimiser, the CT target EMA and the evaluation EMAs are updated once, replicated.
+consistency loss on it; the gradient is that of the mean loss over the `data` axis
+(averaged exactly once, see `shard_loss`). The optimiser, the CT target EMA and the evaluation EMAs are updated once, replicated.
 Randomness comes from `fold_in(base_key, step)`; per-example keys are folded with the
 global example index so the update does not depend on the number of devices.
 """
@@ -137,12 +137,17 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         extra = {name: frozen[key] for key, name in FROZEN_ARGS.items() if key in frozen}
 
         def loss_fn(p):
-            return loss_impl(apply_fn, cfg, p, target_params, x, z, step, example_keys,
-                             dropout_key, batch.get("label"), **extra)
+            # The global loss is the mean over devices of the shard losses (equal shard
+            # sizes). Differentiating it directly gives the mean gradient: the
+            # parameters are replicated (device-invariant) inputs of shard_map, so
+            # autodiff already sums their per-device cotangents (the transpose of the
+            # implicit broadcast is a psum). A pmean of the gradients after a
+            # per-shard grad would change nothing and leave a D-times-too-large sum.
+            loss, aux = loss_impl(apply_fn, cfg, p, target_params, x, z, step, example_keys,
+                                  dropout_key, batch.get("label"), **extra)
+            return jax.lax.pmean(loss, "data"), aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        grads = jax.lax.pmean(grads, "data")
-        loss = jax.lax.pmean(loss, "data")
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
 
