@@ -175,7 +175,7 @@ def cost_matrix(
 
     Example:
         >>> import numpy as np
-        >>> from assignment import cost_matrix
+        >>> from assignment._cost import cost_matrix
         >>> x = np.array([[0.0, 0.0], [3.0, 4.0]])
         >>> z = np.array([[3.0, 4.0], [0.0, 0.0]])
         >>> cost_matrix(x, z)

@@ -48,7 +48,7 @@ def device_cost_matrix(
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from assignment import device_cost_matrix
+        >>> from assignment._device import device_cost_matrix
         >>> device_cost_matrix(jnp.zeros((2, 3)), jnp.ones((2, 3)), cost="sqeuclidean")
         Array([[3., 3.],
                [3., 3.]], dtype=float32)
@@ -89,7 +89,7 @@ def device_permutation(
 
     Example:
         >>> import jax, jax.numpy as jnp
-        >>> from assignment import device_permutation
+        >>> from assignment._device import device_permutation
         >>> x = jnp.array([[1.0, 1.0], [-1.0, -1.0]])
         >>> z = jnp.array([[-0.9, -1.2], [1.1, 0.8]])
         >>> jax.jit(device_permutation)(x, z)

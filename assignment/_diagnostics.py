@@ -30,7 +30,7 @@ def pair_distances(x: np.ndarray, z: np.ndarray) -> np.ndarray:
 
     Example:
         >>> import numpy as np
-        >>> from assignment import pair_distances
+        >>> from assignment._diagnostics import pair_distances
         >>> pair_distances(np.zeros((2, 2)), np.array([[3.0, 4.0], [0.0, 1.0]]))
         array([5., 1.])
     """

@@ -26,7 +26,7 @@ def knn_candidates(z: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarra
 
     Example:
         >>> import numpy as np
-        >>> from assignment import knn_candidates
+        >>> from assignment._knn import knn_candidates
         >>> z = np.zeros((2, 3), np.float32)
         >>> knn_candidates(z, 4, np.random.default_rng(0)).shape
         (2, 4, 3)

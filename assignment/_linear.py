@@ -116,7 +116,7 @@ def solve(c: np.ndarray, solver: str = "auto") -> np.ndarray:
 
     Example:
         >>> import numpy as np
-        >>> from assignment import solve
+        >>> from assignment._linear import solve
         >>> solve(np.array([[4.0, 1.0], [2.0, 8.0]]), solver="scipy")
         array([1, 0])
     """

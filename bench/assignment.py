@@ -26,7 +26,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import assignment  # noqa: E402
-from assignment import _cost  # noqa: E402
+from assignment import (  # noqa: E402
+    _cost,  # noqa: E402
+    _device,
+    _diagnostics,
+    _knn,
+    _linear,
+)
 
 SHAPE = (32, 32, 3)
 NAN = float("nan")
@@ -71,7 +77,7 @@ def best_time(fn: Callable[[], object], repeats: int, budget_s: float = 2.0) -> 
 
 def table_assignment(args: argparse.Namespace) -> Iterator[dict]:
     """Table 1: distances, solve, reduction and speed relative to scipy, row by row."""
-    solvers = [s for s in assignment.available_solvers() if s != "scipy"]
+    solvers = [s for s in _linear.available_solvers() if s != "scipy"]
     backend = jax.default_backend()
     for b in args.batches:
         rng = np.random.default_rng(b)
@@ -82,8 +88,8 @@ def table_assignment(args: argparse.Namespace) -> Iterator[dict]:
             dist_fn = functools.partial(_cost.matrix, x, z, **opts)
             c = dist_fn()[0]
             c64 = c.astype(np.float64)
-            fns = {"scipy": functools.partial(assignment.solve, c64, "scipy")}
-            fns |= {s: functools.partial(assignment.solve, c, s) for s in solvers}
+            fns = {"scipy": functools.partial(_linear.solve, c64, "scipy")}
+            fns |= {s: functools.partial(_linear.solve, c, s) for s in solvers}
             e2e = {  # Everything assign() does: checks, distances, solve.
                 s: functools.partial(assignment.permutation, x, z, "linear", solver=s, **opts)
                 for s in ("scipy", "auto")
@@ -97,8 +103,8 @@ def table_assignment(args: argparse.Namespace) -> Iterator[dict]:
                     times[name].append(wall_time(fn))
             dist = min(times["dist"])
             scipy_s = min(times["scipy"])
-            perm = assignment.solve(c, "auto")
-            red = assignment.distance_stats(x, z, z[perm])["reduction"]
+            perm = _linear.solve(c, "auto")
+            red = _diagnostics.distance_stats(x, z, z[perm])["reduction"]
             for name in fns:
                 solve = min(times[name])
                 yield dict(
@@ -112,12 +118,12 @@ def table_assignment(args: argparse.Namespace) -> Iterator[dict]:
                 vs_total=min(times["scipy"]) / min(times["auto"]),
             )  # fmt: skip
             for k in args.knn:
-                draw_fn = functools.partial(assignment.knn_candidates, z, k, rng)
+                draw_fn = functools.partial(_knn.knn_candidates, z, k, rng)
                 draw = best_time(draw_fn, args.repeats)
                 cand = draw_fn()
-                pick_fn = functools.partial(assignment.nearest, x, cand, **opts)
+                pick_fn = functools.partial(_knn.nearest, x, cand, **opts)
                 pick = best_time(pick_fn, args.repeats)
-                red = assignment.distance_stats(x, z, cand[np.arange(b), pick_fn()])["reduction"]
+                red = _diagnostics.distance_stats(x, z, cand[np.arange(b), pick_fn()])["reduction"]
                 yield dict(
                     batch=b, dtype=dtype, method=f"knn k={k}", solver="host",
                     dist=draw + pick,
@@ -129,14 +135,14 @@ def table_assignment(args: argparse.Namespace) -> Iterator[dict]:
 
 def _device_rows(x, z, b, dtype, opts, args, scipy_total, backend) -> Iterator[dict]:
     xd, zd = jax.device_put(x), jax.device_put(z)
-    dist_fn = jax.jit(functools.partial(assignment.device_cost_matrix, **opts))
+    dist_fn = jax.jit(functools.partial(_device.device_cost_matrix, **opts))
     c = dist_fn(xd, zd).block_until_ready()
     dist = best_time(lambda: dist_fn(xd, zd), args.repeats)
     if backend != "cpu":  # The authors' layout: distances on the GPU, solver on the host.
         c_host = np.asarray(c)
         fetch = best_time(lambda: np.asarray(dist_fn(xd, zd)), args.repeats)
-        solve = best_time(lambda: assignment.solve(c_host, "auto"), args.repeats)
-        solver = assignment.resolve_solver("auto")
+        solve = best_time(lambda: _linear.solve(c_host, "auto"), args.repeats)
+        solver = _linear.resolve_solver("auto")
         yield dict(
             batch=b, dtype=dtype, method="linear", solver=f"{backend} dist+{solver}",
             dist=fetch, solve=solve, total=fetch + solve, reduction=NAN, vs_solve=NAN,
@@ -148,7 +154,7 @@ def _device_rows(x, z, b, dtype, opts, args, scipy_total, backend) -> Iterator[d
         solve = best_time(lambda: hungarian(c)[1], args.repeats, budget_s=5.0)
         perm = np.empty(b, np.int64)
         perm[rows] = cols
-        red = assignment.distance_stats(x, z, z[perm])["reduction"]
+        red = _diagnostics.distance_stats(x, z, z[perm])["reduction"]
         yield dict(
             batch=b, dtype=dtype, method="linear", solver=f"optax ({backend}, jit)",
             dist=dist, solve=solve, total=dist + solve, reduction=red, vs_solve=NAN,
@@ -159,7 +165,7 @@ def _device_rows(x, z, b, dtype, opts, args, scipy_total, backend) -> Iterator[d
         call = functools.partial(fn, xd, zd, key=jax.random.key(0))
         out = np.asarray(call())
         total = best_time(call, args.repeats)
-        red = assignment.distance_stats(x, z, out)["reduction"]
+        red = _diagnostics.distance_stats(x, z, out)["reduction"]
         yield dict(
             batch=b, dtype=dtype, method=f"knn k={k}", solver=f"{backend}, jit", dist=total,
             solve=NAN, total=total, reduction=red, vs_solve=NAN, vs_total=scipy_total / total,
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows,
         f"table {args.table}: images {args.data} {SHAPE}, cost {args.cost}, scale {args.scale}, "
         f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"{os.cpu_count()} CPUs, auto solver = {assignment.resolve_solver('auto')}",
+        f"{os.cpu_count()} CPUs, auto solver = {_linear.resolve_solver('auto')}",
     )
     print(f"({time.perf_counter() - start:.0f} s)")
 

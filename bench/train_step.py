@@ -28,7 +28,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from cm import model, train, train_step
+from cm import nets, train_step
+from cm.setup import Setup
 
 config_flags.DEFINE_config_file("config", "configs/cifar10_ct.py", "Config file.",
                                 lock_config=True)
@@ -116,7 +117,7 @@ def _median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def random_frozen(setup: train.Setup, params):
+def random_frozen(setup: Setup, params):
     """The step's frozen inputs with random weights (the same cost as trained ones).
 
     Returns (frozen, teacher_apply_fn): for CD a teacher of the student's shape (a copy
@@ -127,7 +128,7 @@ def random_frozen(setup: train.Setup, params):
         teacher_apply = setup.apply_fn
         frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, params)
     if setup.cm.uses_lpips:
-        from cm import lpips
+        from cm.nets import lpips
 
         frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
                                          setup.replicated)
@@ -135,7 +136,7 @@ def random_frozen(setup: train.Setup, params):
 
 
 def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
-    setup = train.Setup(config)
+    setup = Setup(config)
     state = setup.init_state()
     frozen, teacher_apply = random_frozen(setup, state.params)
     ema_rates = tuple(config.training.ema_rates)
@@ -178,7 +179,7 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
     sps = float(np.median(rates))
     out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "batch": b, "loss": setup.cm.loss,
-           "params": model.count_params(state.params),
+           "params": nets.count_params(state.params),
            "compile_s": compile_s, "steps_per_s": sps, "images_per_s": sps * b,
            "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12,
            "dispatch_s": float(np.median([host for _, host in windows_s])),

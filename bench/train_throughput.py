@@ -23,9 +23,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import assignment  # noqa: E402
+from assignment import _linear  # noqa: E402
 from bench.train_step import is_out_of_memory, memory_line, random_frozen  # noqa: E402
-from cm import data, input_pipeline, train, train_step  # noqa: E402
+from cm import data, pairing, train_step  # noqa: E402
+from cm.setup import Setup
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
 
@@ -61,12 +62,12 @@ class Shared:
     """
 
     def __init__(self, config):
-        self.setup = train.Setup(config)
+        self.setup = Setup(config)
         self.holder = {"state": self.setup.init_state()}
         self.frozen, _ = random_frozen(self.setup, self.holder["state"].params)
         self.compiled = {}
 
-    def compile(self, a, batch):
+    def compile(self, pair, a, batch):
         """(the compiled step for assignment config `a`, its memory line, None or why it
         does not fit, whether it was new); compiled once per path (host, or each in-step
         method)."""
@@ -76,7 +77,7 @@ class Shared:
             s = self.setup
             step = train_step.make_train_step(
                 s.apply_fn, s.cm, s.tx, tuple(s.config.training.ema_rates), s.mesh,
-                s.step_key, device_assign=input_pipeline.device_assign_fn(a))
+                s.step_key, device_assign=pair.device_fn)
             compiled = step.lower(self.holder["state"], batch, self.frozen).compile()
             self.compiled[key] = (compiled, *memory_line(compiled))
         return (*self.compiled[key], new)
@@ -94,7 +95,7 @@ def make_runner(shared: Shared, step_fn, pipe):
         metrics = None
         for _ in range(n):
             tw = time.perf_counter()
-            batch, _ = assignment.split_diagnostics(next(pipe))
+            batch = next(pipe)["batch"]
             waited["s"] += time.perf_counter() - tw
             shared.holder["state"], metrics = step_fn(shared.holder["state"], batch,
                                                       shared.frozen)
@@ -115,10 +116,10 @@ def bench_config(name, config, images, methods, steps, windows) -> bool:
             cfg.assignment.method, cfg.assignment.where = method, where or "host"
             batcher = data.Batcher(images, cfg.training.batch_size, 0, random_flip=False)
             place = functools.partial(train_step.shard_batch, mesh=shared.setup.mesh)
-            pipes.append(input_pipeline.make_input(cfg, batcher, 0, jax.local_device_count(),
-                                                   place))
-            batch, _ = assignment.split_diagnostics(next(pipes[-1]))
-            step_fn, line, too_big, new = shared.compile(cfg.assignment, batch)
+            pair = pairing.Pairing(cfg, jax.local_device_count())
+            pipes.append(pair.inputs(batcher, 0, place))
+            batch = next(pipes[-1])["batch"]
+            step_fn, line, too_big, new = shared.compile(pair, cfg.assignment, batch)
             if new:  # a new program: report what it needs
                 print(f"{name:<14} {m:<14} {line}", flush=True)
                 if too_big:
@@ -167,7 +168,7 @@ def main():
         methods = ["none"] + [m for m in methods if m != "none"]
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind} x"
           f"{jax.device_count()}), {os.cpu_count()} CPUs, "
-          f"auto solver {assignment.resolve_solver('auto')}")
+          f"auto solver {_linear.resolve_solver('auto')}")
     print(f"{'config':<14} {'method':<14} {'img/s':>10} {'x none':>8} {'wait %':>8}")
     ok = True
     for name in args.configs.split(","):

@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 
 from cm import schedules
+from cm.config_view import view
+from cm.nets import lpips
 
 PyTree = Any
 # apply_fn(params, x_in [B,H,W,C], t_cond [B], labels [B] | None, train, dropout_key) -> [B,H,W,C]
@@ -27,7 +29,11 @@ METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 @dataclasses.dataclass(frozen=True)
 class CMConfig:
-    """The `cm` config section plus the training length the curricula need."""
+    """The `cm` config section plus the training length and compute dtype it needs.
+
+    Built from the section itself (`from_config`): a field of `cm` missing here, or one
+    here missing from `configs/base.py`, is an error naming it.
+    """
 
     loss: str = "ct"
     sigma_min: float = 0.002
@@ -41,10 +47,14 @@ class CMConfig:
     start_ema: float = 0.9
     p_mean: float = -1.1
     p_std: float = 2.0
-    total_steps: int = 800_000
     lpips_pool: str = "max"
     lpips_resize: int = 224
-    lpips_dtype: str = "float32"  # the model's compute dtype
+    lpips_vgg_path: str = ""  # where the weights are read from (cm.setup.frozen_inputs)
+    lpips_lin_path: str = ""
+    teacher_workdir: str = ""  # cm.loss=cd (cm.setup.load_teacher)
+    # From outside the `cm` section:
+    total_steps: int = 800_000  # training.n_iters, the curricula's length
+    lpips_dtype: str = "float32"  # model.dtype, the compute dtype
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -63,13 +73,8 @@ class CMConfig:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "CMConfig":
-        c = config.cm
-        return cls(loss=c.loss, sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho,
-                   sigma_data=c.sigma_data, metric=c.metric, huber_c=c.huber_c,
-                   start_scales=c.start_scales, end_scales=c.end_scales,
-                   start_ema=c.start_ema, p_mean=c.p_mean, p_std=c.p_std,
-                   total_steps=config.training.n_iters, lpips_pool=c.lpips_pool,
-                   lpips_resize=c.lpips_resize, lpips_dtype=config.model.dtype)
+        return view(cls, config.cm, total_steps=config.training.n_iters,
+                    lpips_dtype=config.model.dtype)
 
     @property
     def uses_lpips(self) -> bool:
@@ -129,7 +134,6 @@ def distance(a: jax.Array, b: jax.Array, metric: str, huber_c: float,
     if metric == "lpips":
         if lpips_variables is None:
             raise ValueError("cm.metric=lpips needs the LPIPS weights (lpips_variables)")
-        from cm import lpips  # the VGG16 network and its weight loading, only when used
 
         cfg = cfg or CMConfig()
         return lpips.lpips_distance(lpips_variables, a, b, resize=cfg.lpips_resize or None,

@@ -4,6 +4,7 @@ import json
 import logging as logging_std
 import math
 import os
+import time
 
 from absl import logging
 
@@ -74,3 +75,41 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Meter:
+    """The logging window of the training loop: rates, input waits and time left.
+
+    `add(diagnostics)` once per step with that step's assignment diagnostics;
+    `read(step, waited_seconds)` at a log step returns the window's figures and starts
+    the next window (big_vision's `Chrono`, reduced to what the trainer logs).
+    """
+
+    def __init__(self, start_step: int, total_steps: int, global_batch: int,
+                 clock=time.perf_counter):
+        self.total_steps, self.global_batch, self._clock = total_steps, global_batch, clock
+        self._start_step, self._start = start_step, clock()
+        self._diagnostics: dict[str, list[float]] = {}
+
+    def add(self, diagnostics: dict[str, float]) -> None:
+        for k, v in diagnostics.items():
+            self._diagnostics.setdefault(k, []).append(float(v))
+
+    def read(self, step: int, waited_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+        """(rates, diagnostic means) of the window ending at `step`; starts a new window.
+
+        Rates: `steps_per_sec`, `images_per_sec`, `input_wait_fraction` (the share of
+        the window's wall time spent waiting for input) and `seconds_left` at this rate.
+        """
+        now = self._clock()
+        wall = max(now - self._start, 1e-9)
+        steps_per_sec = (step - self._start_step) / wall
+        rates = {
+            "steps_per_sec": steps_per_sec,
+            "images_per_sec": steps_per_sec * self.global_batch,
+            "input_wait_fraction": waited_seconds / wall,
+            "seconds_left": (self.total_steps - step) / max(steps_per_sec, 1e-9),
+        }
+        means = {k: sum(v) / len(v) for k, v in self._diagnostics.items()}
+        self._start_step, self._start, self._diagnostics = step, now, {}
+        return rates, means

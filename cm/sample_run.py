@@ -7,7 +7,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cm import checkpoints, distributed, sampling, train, workdir
+from cm import checkpoints, distributed, sampling, workdir
+from cm.setup import Setup
 
 
 def _labels(config: ml_collections.ConfigDict, n: int) -> np.ndarray | None:
@@ -34,7 +35,7 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
         config = workdir.load_config(run_dir)
     else:
         workdir.check_compatible(run_dir, config)
-    setup = train.Setup(config)
+    setup = Setup(config)
     ckpt = checkpoints.Checkpointer(run_dir)
     step = None if config.sample.step < 0 else config.sample.step
     if ckpt.latest_step() is None:

@@ -1,7 +1,8 @@
 """The training loop: one flat loop with explicit log / sample / checkpoint triggers.
 
-Host: deterministic batches and noise (`cm.data.Batcher`), paired by the assignment
-stage in a background thread. Device: the jitted step of `cm.train_step`. The workdir
+Host: deterministic batches and noise (`cm.data.Batcher`), paired by `cm.pairing`
+(in a background thread, or inside the step). Device: the jitted step of
+`cm.train_step`. The workdir
 is the resume key: a checkpoint there means continue. With several processes, every
 process runs this loop on its slice of each global batch and takes part in
 checkpoints and sample grids; only process 0 writes config, metrics and images.
@@ -9,29 +10,25 @@ checkpoints and sample grids; only process 0 writes config, metrics and images.
 
 import functools
 import os
-import time
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import assignment
 from cm import (
     checkpoints,
     consistency,
     data,
     distributed,
-    edm,
-    input_pipeline,
     logs,
-    model,
+    nets,
+    pairing,
     sampling,
     train_step,
     workdir,
 )
+from cm.setup import Setup, check_labels, frozen_inputs
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -68,123 +65,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.assignment.within_class and config.model.num_classes <= 0:
         raise ValueError("assignment.within_class needs a class-conditional model "
                          "(model.num_classes > 0)")
-    input_pipeline.check_assignment_config(config.assignment)
-
-
-def frozen_inputs(config: ml_collections.ConfigDict, setup: "Setup"):
-    """(the train step's `frozen` inputs, the teacher's apply_fn or None).
-
-    `teacher`: the EDM teacher's EMA parameters (`cm.loss=cd`); `lpips`: the LPIPS
-    weights (`cm.metric=lpips`, from `cm.lpips_vgg_path` / `cm.lpips_lin_path` or the
-    cache directory `eval.cache_dir`). Both are replicated over the mesh.
-    """
-    frozen, teacher_apply = {}, None
-    if setup.cm.loss == "cd":
-        from cm import distill
-
-        teacher_apply, frozen["teacher"] = distill.load_teacher(config)
-        logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)
-    if setup.cm.uses_lpips:
-        from cm import lpips
-
-        variables = lpips.load_lpips_variables(config.cm.lpips_vgg_path,
-                                               config.cm.lpips_lin_path, config.eval.cache_dir)
-        frozen["lpips"] = distributed.replicate(variables, setup.replicated)
-        logging.info("loss metric: LPIPS-VGG16 (%s pooling, resize %s)", setup.cm.lpips_pool,
-                     setup.cm.lpips_resize or "none")
-    return frozen, teacher_apply
-
-
-def _edm_sample(apply_fn, params, cfg, key, shape, labels, *, solver, steps):
-    return edm.ode_sample(apply_fn, params, cfg, key, shape, steps, solver, labels)
-
-
-def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
-                 ) -> np.ndarray | None:
-    """The labels a class-conditional run trains on (None for an unconditional run)."""
-    num_classes = config.model.num_classes
-    if num_classes <= 0:
-        return None
-    if labels is None:
-        raise data.DatasetError(f"model.num_classes={num_classes} but dataset "
-                                f"{config.data.name!r} has no labels")
-    if isinstance(labels, np.ndarray) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise data.DatasetError(f"labels span [{labels.min()}, {labels.max()}] but "
-                                f"model.num_classes={num_classes}")
-    return labels
-
-
-class Setup:
-    """Everything the train and sample modes build from a config."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.cm = consistency.CMConfig.from_config(config)
-        self.mesh = train_step.make_mesh()
-        self.module = model.build_model(config)
-        self.apply_fn = model.make_apply_fn(self.module)
-        self.tx = train_step.make_optimizer(config.optim)
-        s, c = config.data.image_size, config.data.num_channels
-        self.image_shape = (s, s, c)
-        key = jax.random.PRNGKey(config.training.seed)
-        self.init_key, self.step_key, sample_key = jax.random.split(key, 3)
-        self.replicated = NamedSharding(self.mesh, P())
-        # Already where the sampler wants it: no device-to-device copy at every grid.
-        self.sample_key = jax.device_put(sample_key, self.replicated)
-        self._samplers: dict[tuple[float, ...], object] = {}
-
-    def abstract_state(self):
-        def make():
-            params = model.init_params(self.module, self.init_key, self.config)
-            return train_step.init_state(params, self.tx, self.cm.loss,
-                                         len(self.config.training.ema_rates))
-
-        shapes = jax.eval_shape(make)
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
-
-    def init_state(self):
-        """The initial state, replicated over the mesh (identical on every process)."""
-        def make():
-            params = model.init_params(self.module, self.init_key, self.config)
-            return train_step.init_state(params, self.tx, self.cm.loss,
-                                         len(self.config.training.ema_rates))
-
-        # One compiled program instead of one small compile per initializer.
-        return jax.jit(make, out_shardings=self.replicated)()
-
-    def sampler(self, ts):
-        """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid).
-
-        For an EDM run, the ODE solver of `sample.solver` / `sample.steps` instead.
-        """
-        if self.cm.loss == "edm":  # a diffusion model: an ODE solver, not times `ts`
-            return self.ode_sampler(self.config.sample.solver, self.config.sample.steps)
-        ts = tuple(float(t) for t in ts)
-        if ts not in self._samplers:
-            self._samplers[ts] = sampling.make_sampler(
-                self.apply_fn, self.cm, self.mesh, self.image_shape, ts,
-                self.config.model.num_classes)
-        return self._samplers[ts]
-
-    def ode_sampler(self, solver: str, steps: int):
-        """The jitted EDM ODE sampler (heun | euler, `steps` Karras times), built once."""
-        cache_key = (solver, int(steps))
-        if cache_key not in self._samplers:
-            sample_fn = functools.partial(_edm_sample, solver=solver, steps=int(steps))
-            self._samplers[cache_key] = sampling.make_sampler(
-                self.apply_fn, self.cm, self.mesh, self.image_shape,
-                tuple(float(t) for t in self.ode_times(steps)),
-                self.config.model.num_classes, sample_fn=sample_fn)
-        return self._samplers[cache_key]
-
-    def ode_times(self, steps: int) -> np.ndarray:
-        """The Karras times of a `steps`-step ODE sampler, ending with 0."""
-        return edm.karras_steps(int(steps), self.cm.sigma_min, self.cm.sigma_max, self.cm.rho)
-
-    def round_batch(self, n: int) -> int:
-        d = jax.device_count()
-        return -(-n // d) * d
+    pairing.check_config(config.assignment)
 
 
 def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
@@ -238,7 +119,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         logging.info("resumed from step %d in %s", start, run_dir)
     else:
         state = setup.init_state()
-    n_params = model.count_params(state.params)
+    n_params = nets.count_params(state.params)
     logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
                  n_params / 1e6)
     if is_main:
@@ -247,10 +128,10 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
+    pair = pairing.Pairing(config, jax.local_device_count())
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
-        device_assign=input_pipeline.device_assign_fn(config.assignment),
-        teacher_apply_fn=teacher_apply)
+        device_assign=pair.device_fn, teacher_apply_fn=teacher_apply)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip, labels=labels)
     logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
@@ -278,19 +159,14 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         place = functools.partial(train_step.shard_batch, mesh=setup.mesh)
         # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
         # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
-        with input_pipeline.make_input(config, batcher, start, jax.local_device_count(),
-                                       place) as inputs, jax.transfer_guard(t.transfer_guard):
-            t_log, waited_log = time.perf_counter(), 0.0
-            diag_acc: dict[str, list[float]] = {}
-            step = prev_log = start
+        with pair.inputs(batcher, start, place) as inputs, jax.transfer_guard(t.transfer_guard):
+            meter = logs.Meter(start, t.n_iters, t.batch_size)
+            step = start
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
             while step < end:
-                t0 = time.perf_counter()
-                batch, diagnostics = assignment.split_diagnostics(next(inputs))  # on device
-                waited_log += time.perf_counter() - t0
-                for k, v in diagnostics.items():
-                    diag_acc.setdefault(k, []).append(float(v))
-                state, metrics = step_fn(state, batch, frozen)
+                item = next(inputs)  # this step's batch, paired and on the mesh
+                meter.add(item["diagnostics"])
+                state, metrics = step_fn(state, item["batch"], frozen)
                 step += 1
                 pending.append((step, metrics["loss"]))
                 window_losses.append(metrics["loss"])
@@ -298,22 +174,19 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                 if step % t.log_every == 0 or step == t.n_iters:
                     check_losses()
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    window = jax.device_get(window_losses)
                     # `loss` is this step's loss (reproducible across resumes); `loss_avg`
                     # averages the steps since the previous log line (or the resume).
-                    m["loss_avg"] = float(np.mean(window))
+                    m["loss_avg"] = float(np.mean(jax.device_get(window_losses)))
                     window_losses = []
-                    wall = time.perf_counter() - t_log
-                    m["steps_per_sec"] = (step - prev_log) / wall
-                    m["images_per_sec"] = m["steps_per_sec"] * t.batch_size
-                    m["input_wait_fraction"] = waited_log / wall
+                    rates, diagnostics = meter.read(step, inputs.stats().waited_seconds)
                     # Assignment runs per host: its diagnostics are averaged over hosts
                     # (mean distances exactly; a ratio like `reduction` as a mean of ratios).
-                    m.update(distributed.mean_over_processes(
-                        {k: float(np.mean(v)) for k, v in diag_acc.items()}))
-                    eta = (t.n_iters - step) / max(m["steps_per_sec"], 1e-9)
+                    diagnostics = distributed.mean_over_processes(diagnostics)
+                    eta = rates.pop("seconds_left")
+                    m.update(rates)
+                    m.update(diagnostics)
                     if is_main:
-                        extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diag_acc))
+                        extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diagnostics))
                         logging.info(
                             "step %d/%d loss=%.5g N=%d mu=%.5f %.1f img/s wait=%.1f%%%s left=%s",
                             step, t.n_iters, m["loss"], m["num_scales"], m["mu"],
@@ -321,8 +194,6 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                             logs.format_duration(eta))
                         writer.write(step, m)
                     last = {"step": step, **m}
-                    t_log, waited_log, diag_acc = time.perf_counter(), 0.0, {}
-                    prev_log = step
 
                 final = step == end
                 due = (t.snapshot_every and step % t.snapshot_every == 0) or (

@@ -2,7 +2,8 @@
 
 Each device gets one shard of the global batch (`jax.shard_map`), computes the
 consistency loss on it; the gradient is that of the mean loss over the `data` axis
-(averaged exactly once, see `shard_loss`). The optimiser, the CT target EMA and the evaluation EMAs are updated once, replicated.
+(averaged exactly once, see `shard_loss`). The optimiser, the CT target EMA and the
+evaluation EMAs are updated once, replicated.
 Randomness comes from `fold_in(base_key, step)`; per-example keys are folded with the
 global example index so the update does not depend on the number of devices.
 """

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from evaluation import inception, pth_reader, weights
+from evaluation import inception, weights
+from pretrained import pth as pth_reader
 
 
 def _torch_state_dict(path: str) -> dict[str, np.ndarray]:

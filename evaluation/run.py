@@ -23,7 +23,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cm import checkpoints, data, train, workdir
+from cm import checkpoints, data, workdir
+from cm.config_view import view
+from cm.setup import Setup
 from evaluation import features as features_lib
 from evaluation import fid
 from evaluation.progress import (
@@ -84,10 +86,8 @@ class EvalConfig:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> EvalConfig:
         ev = config.eval
-        kw = {f.name: ev.get(f.name, f.default) for f in dataclasses.fields(cls)}
-        kw["samplers"] = tuple(kw["samplers"])
-        kw["steps"] = str(kw["steps"])  # '--config.eval.steps=1000' may arrive as an int
-        return cls(**kw)
+        # '--config.eval.steps=1000' may arrive as an int.
+        return view(cls, ev, samplers=tuple(ev.samplers), steps=str(ev.steps))
 
     def validate(self, diffusion: bool = False) -> None:
         """Checks the section; `diffusion`: the run is an EDM model (ODE sampler names)."""
@@ -298,7 +298,7 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
             raise FileNotFoundError(f"no checkpoint in {run_dir}: train first")
         steps = select_steps(ev.steps, ckpt.snapshot_steps(),
                              list(ckpt.snapshots.all_steps()) + list(ckpt.resume.all_steps()))
-        setup = train.Setup(saved)
+        setup = Setup(saved)
         batch = setup.round_batch(ev.batch_size)
         feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options(batch))
         ref_path = features_lib.reference_path(data_cfg, feats.kind, ev.stats_path,

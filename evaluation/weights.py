@@ -5,7 +5,7 @@ The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (release
 convention). They are read either from the path in `config.eval.inception_path`, or from
 the cache directory, where a missing file is downloaded once and its hash checked.
 
-The `.pth` is read directly by `evaluation.pth_reader` (no torch). `.npz` files written by
+The `.pth` is read directly by `pretrained.pth` (no torch). `.npz` files written by
 `python -m evaluation.convert_weights` (same tensors and names, plus a manifest with the
 source hash and a digest of the content) are accepted as well.
 """
@@ -13,18 +13,22 @@ source hash and a digest of the content) are accepted as well.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from evaluation import inception, pth_reader
+from evaluation import inception
+from pretrained import fetch, pth
+from pretrained.fetch import (  # noqa: F401  (re-exported: the FID weights' API)
+    DEFAULT_CACHE_DIR,
+    WeightsError,
+    check_hash,
+    content_digest,
+    sha256_file,
+)
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -32,14 +36,9 @@ FID_WEIGHTS_URL = (
 )
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_SHA256_PREFIX = "6726825d"
-DEFAULT_CACHE_DIR = "~/.cache/immiscible_cm"
 
 NPZ_FORMAT = "immiscible_cm/inception_state_dict/v1"
 _MANIFEST_KEY = "__manifest__"
-
-
-class WeightsError(RuntimeError):
-    """Weights (the FID Inception's, LPIPS's) are missing, corrupt, or not the expected ones."""
 
 
 def _where_to_get(target: Path | None = None) -> str:
@@ -51,79 +50,16 @@ def _where_to_get(target: Path | None = None) -> str:
     )
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def content_digest(state_dict: Mapping[str, np.ndarray]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        a = np.ascontiguousarray(state_dict[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def download_weights(
     cache_dir: str = DEFAULT_CACHE_DIR,
     url: str = FID_WEIGHTS_URL,
     name: str = FID_WEIGHTS_NAME,
     sha256_prefix: str | None = FID_WEIGHTS_SHA256_PREFIX,
-    what: str = "pytorch-fid's weights",
-    where_to_get: str = "",
 ) -> Path:
-    """The cached weights file, downloaded first if absent; its hash is checked each time.
-
-    The download goes to a temporary file in the cache directory and is renamed only
-    once its hash is right, so an interrupted download never leaves a bad file behind.
-    `what` and `where_to_get` word the errors (defaults: the FID Inception's).
-
-    Raises:
-      WeightsError: no network, or the file (downloaded or cached) has the wrong hash.
-    """
+    """pytorch-fid's weights in `cache_dir`, downloaded once (see `pretrained.fetch`)."""
     target = Path(cache_dir).expanduser() / name
-    hint = where_to_get or _where_to_get(target)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=name + ".", suffix=".part")
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-                for block in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(block)
-                    h.update(block)
-            if sha256_prefix and not h.hexdigest().startswith(sha256_prefix):
-                raise WeightsError(
-                    f"downloaded {url} but its sha256 {h.hexdigest()[:16]}... does not start "
-                    f"with {sha256_prefix}. {hint}"
-                )
-            os.replace(tmp, target)
-        except (urllib.error.URLError, OSError) as e:
-            raise WeightsError(f"could not download {url} ({e}). {hint}") from e
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    _check_hash(target, sha256_prefix, what, hint)
-    return target
-
-
-def _check_hash(
-    path: Path,
-    sha256_prefix: str | None,
-    what: str = "pytorch-fid's weights",
-    where_to_get: str = "",
-) -> None:
-    if sha256_prefix and not sha256_file(path).startswith(sha256_prefix):
-        raise WeightsError(
-            f"{path} is corrupt or not {what}: its sha256 does not start with "
-            f"{sha256_prefix}. Delete it. {where_to_get or _where_to_get(path)}"
-        )
+    return fetch.download_weights(cache_dir, url, name, sha256_prefix, "pytorch-fid's weights",
+                                  _where_to_get(target))
 
 
 def write_npz(
@@ -187,10 +123,10 @@ def read_weights(
         raise WeightsError(f"Inception weights not found at {path}. {_where_to_get(path)}")
     if path.suffix == ".npz":
         return _read_npz(path, sha256_prefix)
-    _check_hash(path, sha256_prefix)
+    check_hash(path, sha256_prefix, "pytorch-fid's weights", _where_to_get(path))
     try:
-        return pth_reader.read_state_dict(str(path))
-    except pth_reader.PthFormatError as e:
+        return pth.read_state_dict(str(path))
+    except pth.PthFormatError as e:
         raise WeightsError(f"cannot read {path}: {e}. {_where_to_get(path)}") from e
 
 

@@ -13,6 +13,7 @@ import scipy.optimize
 from sklearn.datasets import load_digits
 
 import assignment
+from assignment import Options, _cost, _device, _diagnostics, _knn, _linear, _methods, make_batch_fn
 
 SIZES = (0, 1, 2, 7, 64, 257)
 QUANTIZED = ("float16", "bfloat16")
@@ -59,7 +60,7 @@ def _assert_optimal(c, perm, rtol=1e-6):
 # Exact methods -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", assignment.available_solvers())
+@pytest.mark.parametrize("solver", _linear.available_solvers())
 @pytest.mark.parametrize("n", SIZES)
 def test_linear_reaches_scipy_optimum(solver, n):
     x, z = _pair(n, seed=n)
@@ -67,13 +68,13 @@ def test_linear_reaches_scipy_optimum(solver, n):
         for dtype in assignment.DTYPES:
             perm = assignment.permutation(x, z, "linear", cost=cost, dtype=dtype, solver=solver)
             _assert_permutation(perm, n)
-            c = assignment.cost_matrix(x, z, cost=cost, dtype=dtype)
+            c = _cost.cost_matrix(x, z, cost=cost, dtype=dtype)
             # lapjvs works in float32 arithmetic: exact on quantized costs only.
             rtol = 1e-5 if solver == "lapjvs" and dtype == "float32" else 1e-6
             _assert_optimal(c, perm, rtol)
 
 
-@pytest.mark.parametrize("solver", assignment.available_solvers())
+@pytest.mark.parametrize("solver", _linear.available_solvers())
 def test_linear_with_ties(solver):
     rng = np.random.default_rng(1)
     for n in (2, 7, 64):
@@ -84,7 +85,7 @@ def test_linear_with_ties(solver):
         for cost in assignment.COSTS:
             perm = assignment.permutation(x, z, "linear", cost=cost, solver=solver)
             _assert_permutation(perm, n)
-            _assert_optimal(assignment.cost_matrix(x, z, cost=cost), perm)
+            _assert_optimal(_cost.cost_matrix(x, z, cost=cost), perm)
     x = np.ones((5, 3), np.float32)  # Every pairing is optimal.
     _assert_permutation(assignment.permutation(x, x, "linear", solver=solver), 5)
 
@@ -96,16 +97,16 @@ def test_linear_on_digits(n):
         for scale in (1.0, 0.5):
             perm = assignment.permutation(x, z, "linear", dtype=dtype, scale=scale)
             _assert_permutation(perm, n)
-            _assert_optimal(assignment.cost_matrix(x, z, dtype=dtype, scale=scale), perm)
+            _assert_optimal(_cost.cost_matrix(x, z, dtype=dtype, scale=scale), perm)
     out = assignment.assign(x, z, "linear", dtype="float16")
-    stats = assignment.distance_stats(x, z, out)
+    stats = _diagnostics.distance_stats(x, z, out)
     assert 0 < stats["reduction"] < 0.5
     assert stats["distance_after"] < stats["distance_before"]
 
 
 def test_assign_is_z_permuted():
     x, z = _pair(33)
-    for method in assignment.PERMUTATIONS:
+    for method in _methods.PERMUTATIONS:
         perm = assignment.permutation(x, z, method)
         out = assignment.assign(x, z, method)
         _assert_permutation(perm, 33)
@@ -118,7 +119,7 @@ def test_assign_is_z_permuted():
 def test_sqeuclidean_ignores_norms():
     # Only inner products matter: shifting the noise norms changes no pairing.
     x, z = _pair(40, shape=(5,))
-    c = assignment.cost_matrix(x, z, cost="sqeuclidean")
+    c = _cost.cost_matrix(x, z, cost="sqeuclidean")
     perm = assignment.permutation(x, z, "linear", cost="sqeuclidean")
     _assert_optimal(c, perm)
     np.testing.assert_allclose(c, ((x[:, None] - z[None]) ** 2).sum(-1), rtol=1e-5, atol=1e-4)
@@ -129,7 +130,7 @@ def test_quantized_costs_follow_the_recipe():
     x, z = _pair(9, shape=(20,))
     for cost in assignment.COSTS:
         for dtype, np_dtype in assignment.DTYPES.items():
-            c = assignment.cost_matrix(x, z, cost=cost, dtype=dtype, scale=0.1)
+            c = _cost.cost_matrix(x, z, cost=cost, dtype=dtype, scale=0.1)
             exact = (((0.1 * x[:, None].astype(np.float64)) - z[None]) ** 2).sum(-1)
             exact = np.sqrt(exact) if cost == "l2" else exact
             np.testing.assert_array_equal(c, c.astype(np_dtype).astype(np.float32))
@@ -140,10 +141,10 @@ def test_quantized_costs_follow_the_recipe():
             else:  # float32 sums can tip a rounding tie, rarely.
                 assert (np.abs(c - rounded) <= ulp).all()
                 assert (c == rounded).mean() > 0.95
-    scaled = assignment.cost_matrix(x, z, scale=0.1)
-    np.testing.assert_allclose(scaled, assignment.cost_matrix(x * 0.1, z), rtol=1e-6)
+    scaled = _cost.cost_matrix(x, z, scale=0.1)
+    np.testing.assert_allclose(scaled, _cost.cost_matrix(x * 0.1, z), rtol=1e-6)
     with pytest.raises(ValueError, match="overflow float16"):
-        assignment.cost_matrix(x * 300, z, cost="sqeuclidean", dtype="float16")
+        _cost.cost_matrix(x * 300, z, cost="sqeuclidean", dtype="float16")
 
 
 def test_quantize_matches_numpy_casts():
@@ -174,7 +175,7 @@ def test_numpy_fallback_matches_xla(monkeypatch):
         for dtype in assignment.DTYPES:
             opts = {"cost": cost, "dtype": dtype, "scale": 0.7}
             want[cost, dtype] = (
-                assignment.cost_matrix(x, z, **opts),
+                _cost.cost_matrix(x, z, **opts),
                 _cost.pair_costs(x.reshape(20, -1), cand, **opts),
             )
     monkeypatch.setattr(_cost, "_cpu", lambda: None)
@@ -182,20 +183,20 @@ def test_numpy_fallback_matches_xla(monkeypatch):
         opts = {"cost": cost, "dtype": dtype, "scale": 0.7}
         np_dtype = assignment.DTYPES[dtype]
         for got, ref in (
-            (assignment.cost_matrix(x, z, **opts), matrix),
+            (_cost.cost_matrix(x, z, **opts), matrix),
             (_cost.pair_costs(x.reshape(20, -1), cand, **opts), pairs),
         ):
             ulp = np.spacing(np.abs(ref).astype(np_dtype)).astype(np.float32)
             assert (np.abs(got - ref) <= np.maximum(ulp, 1e-5 * np.abs(ref) + 1e-5)).all()
     with pytest.raises(ValueError, match="overflow float16"):
-        assignment.cost_matrix(x * 300, z, cost="sqeuclidean", dtype="float16")
+        _cost.cost_matrix(x * 300, z, cost="sqeuclidean", dtype="float16")
 
 
 def test_solve_small_matrix():
     c = np.array([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
-    for solver in assignment.available_solvers():
-        np.testing.assert_array_equal(assignment.solve(c, solver), [1, 0, 2])
-    assert assignment.resolve_solver("auto") in assignment.available_solvers()
+    for solver in _linear.available_solvers():
+        np.testing.assert_array_equal(_linear.solve(c, solver), [1, 0, 2])
+    assert _linear.resolve_solver("auto") in _linear.available_solvers()
 
 
 # knn -----------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_knn_keeps_the_nearest_candidate():
             out = assignment.assign(
                 x, z, "knn", k=4, rng=np.random.default_rng(7), cost=cost, dtype=dtype
             )
-            cand = assignment.knn_candidates(z, 4, np.random.default_rng(7))  # [B, 4, ...]
+            cand = _knn.knn_candidates(z, 4, np.random.default_rng(7))  # [B, 4, ...]
             np.testing.assert_array_equal(cand[:, 0], z)
             kept = _rows_of(out[:, None].repeat(4, 1).reshape(-1, 64), cand.reshape(-1, 64))
             assert (kept // 4 == np.repeat(np.arange(50), 4)).all()  # Its own candidates.
@@ -220,7 +221,7 @@ def test_knn_keeps_the_nearest_candidate():
             chosen = d[np.arange(50), kept[::4] % 4]
             tol = 2 * np.spacing(d.min(axis=1).astype(np_dtype)).astype(np.float64) + 1e-9
             assert (chosen <= d.min(axis=1) + tol).all()
-    assert assignment.distance_stats(x, z, out)["reduction"] > 0
+    assert _diagnostics.distance_stats(x, z, out)["reduction"] > 0
 
 
 def test_knn_k1_is_none_and_not_a_permutation():
@@ -238,9 +239,9 @@ def test_device_costs_match_host():
     x, z = _pair(31, seed=2)
     for cost in assignment.COSTS:
         for dtype, np_dtype in assignment.DTYPES.items():
-            host = assignment.cost_matrix(x, z, cost=cost, dtype=dtype, scale=0.5)
+            host = _cost.cost_matrix(x, z, cost=cost, dtype=dtype, scale=0.5)
             dev = jax.jit(
-                functools.partial(assignment.device_cost_matrix, cost=cost, dtype=dtype, scale=0.5)
+                functools.partial(_device.device_cost_matrix, cost=cost, dtype=dtype, scale=0.5)
             )(x, z)
             ulp = np.spacing(np.abs(host).astype(np_dtype)).astype(np.float32)
             tol = np.maximum(2 * ulp, 1e-5 * np.abs(host) + 1e-4)  # Input rounding.
@@ -251,10 +252,10 @@ def test_device_costs_match_host():
 def test_device_linear_is_optimal_under_jit(n):
     x, z = _pair(n, seed=n + 10)
     for dtype in ("float32", "float16"):
-        fn = jax.jit(functools.partial(assignment.device_permutation, dtype=dtype))
+        fn = jax.jit(functools.partial(_device.device_permutation, dtype=dtype))
         perm = np.asarray(fn(x, z))
         _assert_permutation(perm, n)
-        c = np.asarray(assignment.device_cost_matrix(x, z, dtype=dtype))
+        c = np.asarray(_device.device_cost_matrix(x, z, dtype=dtype))
         _assert_optimal(c, perm, rtol=1e-5)
         host = assignment.permutation(x, z, "linear", dtype=dtype)
         # Same optimum as the host; the device costs may differ by an ulp.
@@ -271,13 +272,13 @@ def test_device_linear_under_vmap_agrees_with_host_shards():
     fn = jax.jit(traced)
     out = np.asarray(fn(x.reshape(shards, n, 8, 8, 1), z.reshape(shards, n, 8, 8, 1)))
     fn(z.reshape(shards, n, 8, 8, 1), x.reshape(shards, n, 8, 8, 1))  # No retrace.
-    batch_fn = assignment.make_batch_fn("linear", "device", shards)
+    batch_fn = make_batch_fn(Options("linear", "device", shards))
     host = batch_fn({"x": x, "z": z}, 0)["z"].reshape(shards, n, 8, 8, 1)
     for s in range(shards):
         xs, zs = x[s * n : (s + 1) * n], z[s * n : (s + 1) * n]
-        c = assignment.cost_matrix(xs, zs)
-        d_dev = assignment.pair_distances(xs, out[s]).sum()
-        d_host = assignment.pair_distances(xs, host[s]).sum()
+        c = _cost.cost_matrix(xs, zs)
+        d_dev = _diagnostics.pair_distances(xs, out[s]).sum()
+        d_host = _diagnostics.pair_distances(xs, host[s]).sum()
         np.testing.assert_allclose(d_dev, d_host, rtol=1e-5)
         _assert_permutation(_rows_of(out[s], zs), n)
         _assert_optimal(c, _rows_of(out[s], zs), rtol=1e-5)
@@ -292,24 +293,24 @@ def _rows_of(out, z):
 def test_device_knn_matches_host_selection():
     x, z = _digit_batch(40, seed=9)
     key = jax.random.key(3)
-    cand = np.asarray(assignment.device_knn_candidates(z, 4, key))
+    cand = np.asarray(_device.device_knn_candidates(z, 4, key))
     np.testing.assert_array_equal(cand[:, 0], z)
     for dtype in ("float32", "float16"):
-        host = assignment.nearest(x, cand, dtype=dtype)
+        host = _knn.nearest(x, cand, dtype=dtype)
         dev = np.asarray(
-            jax.jit(functools.partial(assignment.device_nearest, dtype=dtype))(x, cand)
+            jax.jit(functools.partial(_device.device_nearest, dtype=dtype))(x, cand)
         )
         assert (host == dev).mean() >= 0.95  # Ulp-level differences may flip near ties.
     fn = jax.jit(functools.partial(assignment.device_assign, method="knn", k=4))
     out = np.asarray(fn(x, z, key=key))
-    np.testing.assert_array_equal(out, cand[np.arange(40), assignment.nearest(x, cand)])
+    np.testing.assert_array_equal(out, cand[np.arange(40), _knn.nearest(x, cand)])
     # vmap over shards, one key per shard.
     keys = jax.random.split(key, 2)
     vfn = jax.jit(jax.vmap(functools.partial(assignment.device_assign, method="knn", k=3)))
     vout = np.asarray(vfn(x.reshape(2, 20, 8, 8, 1), z.reshape(2, 20, 8, 8, 1), key=keys))
     for s in range(2):
-        c = np.asarray(assignment.device_knn_candidates(z[s * 20 : (s + 1) * 20], 3, keys[s]))
-        want = c[np.arange(20), assignment.nearest(x[s * 20 : (s + 1) * 20], c)]
+        c = np.asarray(_device.device_knn_candidates(z[s * 20 : (s + 1) * 20], 3, keys[s]))
+        want = c[np.arange(20), _knn.nearest(x[s * 20 : (s + 1) * 20], c)]
         np.testing.assert_array_equal(vout[s], want)
 
 
@@ -326,7 +327,7 @@ def test_device_none_and_errors():
         assignment.device_assign(x, z, "knn")
     with pytest.raises(ValueError, match="unknown distance dtype"):
         assignment.device_assign(x, z, "linear", dtype="int8")
-    assert jnp.asarray(assignment.device_permutation(x, z, "none")).tolist() == [0, 1, 2, 3]
+    assert jnp.asarray(_device.device_permutation(x, z, "none")).tolist() == [0, 1, 2, 3]
 
 
 # Batch functions -------------------------------------------------------------------
@@ -337,13 +338,13 @@ def test_batch_fn_diagnostics_and_passthrough():
     labels = np.arange(32)
     batch = {"x": x, "z": z, "label": labels}
     for method in assignment.METHODS:
-        out = assignment.make_batch_fn(method, "host", seed=1)(batch, 3)
+        out = make_batch_fn(Options(method, "host", seed=1))(batch, 3)
         assert out["x"] is x and out["label"] is labels  # Untouched, still paired.
         arrays, stats = assignment.split_diagnostics(out)
         assert set(arrays) == {"x", "z", "label"}
-        assert set(stats) == {k.split("/")[1] for k in assignment.DIAGNOSTIC_KEYS}
+        assert set(stats) == {k.split("/")[1] for k in _diagnostics.DIAGNOSTIC_KEYS}
         np.testing.assert_allclose(
-            stats["distance_before"], assignment.pair_distances(x, z).mean(), rtol=1e-6
+            stats["distance_before"], _diagnostics.pair_distances(x, z).mean(), rtol=1e-6
         )
         if method == "none":
             assert stats["reduction"] == 0
@@ -357,30 +358,30 @@ def test_same_seed_same_pairing():
     x, z = _digit_batch(24, seed=12)
     batch = {"x": x, "z": z}
     for method in assignment.METHODS:
-        a = assignment.make_batch_fn(method, seed=4)(batch, 10)["z"]
-        b = assignment.make_batch_fn(method, seed=4)(batch, 10)["z"]  # A resumed run.
+        a = make_batch_fn(Options(method, seed=4))(batch, 10)["z"]
+        b = make_batch_fn(Options(method, seed=4))(batch, 10)["z"]  # A resumed run.
         np.testing.assert_array_equal(a, b)
-    knn = assignment.make_batch_fn("knn", seed=4)
+    knn = make_batch_fn(Options("knn", seed=4))
     assert not np.array_equal(knn(batch, 10)["z"], knn(batch, 11)["z"])
     assert not np.array_equal(
-        knn(batch, 10)["z"], assignment.make_batch_fn("knn", seed=5)(batch, 10)["z"]
+        knn(batch, 10)["z"], make_batch_fn(Options("knn", seed=5))(batch, 10)["z"]
     )
 
 
 def test_device_scope_pairs_within_shards():
     shards, n = 4, 16
     x, z = _digit_batch(shards * n, seed=13)
-    out = assignment.make_batch_fn("linear", "device", shards)({"x": x, "z": z}, 0)["z"]
+    out = make_batch_fn(Options("linear", "device", shards))({"x": x, "z": z}, 0)["z"]
     perm = _rows_of(out, z)
     _assert_permutation(perm, shards * n)
     np.testing.assert_array_equal(perm // n, np.arange(shards * n) // n)
-    for solver in assignment.available_solvers():  # Batched solvers too: one problem a shard.
+    for solver in _linear.available_solvers():  # Batched solvers too: one problem a shard.
         perm = assignment.permutation(x, z, "linear", shards=shards, solver=solver)
         np.testing.assert_array_equal(perm // n, np.arange(shards * n) // n)
         for s in range(shards):
             part = slice(s * n, (s + 1) * n)
-            _assert_optimal(assignment.cost_matrix(x[part], z[part]), perm[part] - s * n)
-    host = _rows_of(assignment.make_batch_fn("linear", "host", shards)({"x": x, "z": z}, 0)["z"], z)
+            _assert_optimal(_cost.cost_matrix(x[part], z[part]), perm[part] - s * n)
+    host = _rows_of(make_batch_fn(Options("linear", "host", shards))({"x": x, "z": z}, 0)["z"], z)
     assert (host // n != np.arange(shards * n) // n).any()  # Host scope crosses shards.
     np.testing.assert_array_equal(host, assignment.permutation(x, z, "linear"))
 
@@ -388,7 +389,7 @@ def test_device_scope_pairs_within_shards():
 def test_assigned_noise_stays_standard_normal():
     # Pooled over a fixed-seed run, a permutation keeps the noise's marginals.
     rng = np.random.default_rng(0)
-    fn = assignment.make_batch_fn("linear", "device", 2, dtype="float16")
+    fn = make_batch_fn(Options("linear", "device", 2, dtype="float16"))
     pooled = []
     for step in range(40):
         x, _ = _digit_batch(64, seed=100 + step)
@@ -423,15 +424,15 @@ def test_assigned_noise_stays_standard_normal():
         (lambda x, z: assignment.assign(x, z, "knn", k=0), "k must be"),
         (lambda x, z: assignment.assign(x, z, "knn", k=4), "needs rng"),
         (lambda x, z: assignment.assign(x.astype(str), z, "none"), "real numbers"),
-        (lambda x, z: assignment.make_batch_fn("linear", "global"), "unknown assignment scope"),
-        (lambda x, z: assignment.make_batch_fn("linear", "device", 0), "num_shards"),
-        (lambda x, z: assignment.make_batch_fn("none", solver="nope"), "unknown solver"),
+        (lambda x, z: make_batch_fn(Options("linear", "global")), "unknown assignment scope"),
+        (lambda x, z: make_batch_fn(Options("linear", "device", 0)), "num_shards"),
+        (lambda x, z: make_batch_fn(Options("none", solver="nope")), "unknown solver"),
         (
-            lambda x, z: assignment.make_batch_fn("linear", "device", 3)({"x": x, "z": z}, 0),
+            lambda x, z: make_batch_fn(Options("linear", "device", 3))({"x": x, "z": z}, 0),
             "3 equal shards",
         ),
-        (lambda x, z: assignment.make_batch_fn("linear")({"x": x}, 0), "no 'z' key"),
-        (lambda x, z: assignment.solve(np.zeros((2, 3))), "square"),
+        (lambda x, z: make_batch_fn(Options("linear"))({"x": x}, 0), "no 'z' key"),
+        (lambda x, z: _linear.solve(np.zeros((2, 3))), "square"),
         (lambda x, z: assignment.permutation(x, z, "linear", shards=3), "3 equal shards"),
         (lambda x, z: assignment.permutation(x, z, "none", shards=0), "shards must be"),
     ],
@@ -444,9 +445,9 @@ def test_bad_input_raises_value_error(call, match):
 
 def test_registries():
     assert {"none", "linear", "knn"} <= set(assignment.METHODS)
-    assert set(assignment.PERMUTATIONS) == {"none", "linear"}
+    assert set(_methods.PERMUTATIONS) == {"none", "linear"}
     assert set(assignment.DEVICE_METHODS) == set(assignment.METHODS)
-    assert "scipy" in assignment.available_solvers()
+    assert "scipy" in _linear.available_solvers()
 
 
 @pytest.mark.parametrize(

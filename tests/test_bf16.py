@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, data, model, train_step
+from cm import consistency, data, nets, train_step
 from tests.helpers import tiny_config
 
 
@@ -16,8 +16,8 @@ def one_step(dtype: str, params, batch):
                             "optim.warmup": 0})
     # One level with attention: every kind of layer, at a fraction of tiny_config's compile.
     config.model.ch_mult, config.model.attn_resolutions = (1,), (8,)
-    module = model.build_model(config)
-    apply_fn = model.make_apply_fn(module)
+    module = nets.build_model(config)
+    apply_fn = nets.make_apply_fn(module)
     tx = train_step.make_optimizer(config.optim)
     mesh = train_step.make_mesh(jax.devices()[:1])
     state = train_step.init_state(jax.tree.map(jnp.array, params), tx, config.cm.loss, 1)
@@ -32,7 +32,7 @@ def steps():
     config = tiny_config()
     config.model.ch_mult, config.model.attn_resolutions = (1,), (8,)
     config.model.init_scale = 1.0  # the default zero-initialised output would hide the net
-    params = jax.device_get(model.init_params(model.build_model(config), jax.random.PRNGKey(0),
+    params = jax.device_get(nets.init_params(nets.build_model(config), jax.random.PRNGKey(0),
                                               config))
     batch = data.Batcher(data.load_digits(8), 16, seed=0, random_flip=False).batch(5)
     return params, batch, {d: one_step(d, params, batch) for d in ("float32", "bfloat16")}

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 import assignment
-from cm import data, image_folder, sample_run, train, workdir
+from assignment import Options, make_batch_fn
+from cm import data, sample_run, train, workdir
+from cm.data import image_folder
 from tests.helpers import tiny_config
 
 
@@ -28,7 +30,7 @@ def test_assignment_never_separates_image_and_label(method, scope):
     images = data.load_digits(8)
     labels = data.load_digits_labels()
     batch = data.Batcher(images, 16, seed=0, labels=labels, random_flip=False).batch(2)
-    fn = assignment.make_batch_fn(method, scope=scope, num_shards=4, seed=0)
+    fn = make_batch_fn(Options(method, scope=scope, num_shards=4, seed=0))
     out, _ = assignment.split_diagnostics(fn(dict(batch), 2))
     np.testing.assert_array_equal(out["x"], batch["x"])
     np.testing.assert_array_equal(out["label"], batch["label"])
@@ -108,8 +110,8 @@ def test_within_class_pairs_only_inside_each_class_and_shard(scope, shards):
     x = rng.normal(size=(24, 12)).astype(np.float32)
     z = rng.normal(size=(24, 12)).astype(np.float32)
     labels = rng.integers(0, 3, 24).astype(np.int32)
-    fn = assignment.make_batch_fn("linear", scope=scope, num_shards=2, group_key="label",
-                                  solver="scipy")
+    fn = make_batch_fn(Options("linear", scope=scope, num_shards=2, group_key="label",
+                                  solver="scipy"))
     out, _ = assignment.split_diagnostics(fn({"x": x, "z": z, "label": labels}, 0))
     size = 24 // shards
     for s in range(shards):
@@ -127,7 +129,7 @@ def test_within_class_pairs_only_inside_each_class_and_shard(scope, shards):
 
 def test_within_class_needs_labels_and_a_permuting_method():
     with pytest.raises(ValueError, match="permuting"):
-        assignment.make_batch_fn("knn", group_key="label")
+        make_batch_fn(Options("knn", group_key="label"))
     config = tiny_config(**{"assignment.within_class": True, "assignment.method": "linear"})
     with pytest.raises(ValueError, match="num_classes"):
         train.validate(config)
@@ -152,13 +154,13 @@ def test_celeba_shaped_mock_data_is_cropped_and_resized():
 def test_network_at_64x64_in_shrunk_form():
     import jax
 
-    from cm import model
+    from cm import nets
 
     config = tiny_config(**{"data.image_size": 64, "data.num_channels": 3})
     config.model.ch_mult = (1, 2, 2, 2)
     config.model.attn_resolutions = (16,)
-    module = model.build_model(config)
-    shapes = jax.eval_shape(lambda: model.init_params(module, jax.random.PRNGKey(0), config))
+    module = nets.build_model(config)
+    shapes = jax.eval_shape(lambda: nets.init_params(module, jax.random.PRNGKey(0), config))
     params = jax.tree.map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(
         s.dtype) * 0.05, shapes)
     x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cm import lpips as cm_lpips
+from cm.nets import lpips as cm_lpips
 from evaluation import weights
 
 lpips = pytest.importorskip("lpips")

@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, data, distributed, train
+from cm import checkpoints, data, distributed
+from cm.setup import Setup
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +118,7 @@ def metrics(run_dir: str) -> list[dict]:
 
 def saved_state(run_dir: str):
     ckpt = checkpoints.Checkpointer(run_dir)
-    state = ckpt.restore(train.Setup(tiny_config(**OVERRIDES)).abstract_state())
+    state = ckpt.restore(Setup(tiny_config(**OVERRIDES)).abstract_state())
     ckpt.close()
     return jax.device_get(state)
 

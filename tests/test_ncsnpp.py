@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from cm import layers, resample
-from cm.ncsnpp import NCSNpp, NCSNppConfig, count_params
+from cm.nets import layers, resample
+from cm.nets.ncsnpp import NCSNpp, NCSNppConfig, count_params
 from configs.base import get_config
 
 TAPS = (1, 3, 3, 1)

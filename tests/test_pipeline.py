@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import assignment
+from assignment import Options, make_batch_fn
 
 
 def _batches(n, size=8, seed=0):
@@ -38,7 +39,7 @@ def test_keeps_order_and_steps():
 
 
 def test_with_batch_fn_assigns_every_batch():
-    fn = assignment.make_batch_fn("linear", "device", 2)
+    fn = make_batch_fn(Options("linear", "device", 2))
     source = list(_batches(5))
     with assignment.Pipeline(source, fn, name="test-pipeline") as pipe:
         for want, got in zip(source, pipe, strict=True):

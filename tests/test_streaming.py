@@ -7,7 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from cm import data, image_folder, streaming
+from cm import data
+from cm.data import image_folder, streaming
 
 
 def _folder(root, n=10):

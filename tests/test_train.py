@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cm import checkpoints, consistency, data, model, sample_run, train, train_step, workdir
+from cm import checkpoints, consistency, data, nets, sample_run, train, train_step, workdir
+from cm.setup import Setup
 from tests.helpers import tiny_config
 
 
@@ -18,7 +19,7 @@ def read_metrics(run_dir):
 
 
 def final_params(run_dir, config):
-    setup = train.Setup(config)
+    setup = Setup(config)
     ckpt = checkpoints.Checkpointer(run_dir)
     state = ckpt.restore(setup.abstract_state())
     ckpt.close()
@@ -36,15 +37,11 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_transfer_guard_catches_an_implicit_copy_in_the_loop(tmp_path, monkeypatch):
-    import assignment
+    def leaky(batch, mesh):  # hands the step host arrays: an implicit copy every step
+        del mesh
+        return dict(batch)
 
-    split = assignment.split_diagnostics
-
-    def leaky(batch):  # hands the step host arrays: an implicit copy every step
-        arrays, stats = split(batch)
-        return jax.device_get(arrays), stats
-
-    monkeypatch.setattr(assignment, "split_diagnostics", leaky)
+    monkeypatch.setattr(train_step, "shard_batch", leaky)
     config = tiny_config(**{"training.transfer_guard": "disallow"})
     with pytest.raises(Exception, match="Disallowed host-to-device"):
         train.train(config, str(tmp_path / "guarded"))
@@ -162,10 +159,10 @@ def test_eight_devices_match_one_device(loss):
                             "optim.lr": 2e-3, "optim.grad_clip": 15.0})
     config.cm.start_scales, config.cm.end_scales = 10, 40
     cm_cfg = consistency.CMConfig.from_config(config)
-    module = model.build_model(config)
-    apply_fn = model.make_apply_fn(module)
+    module = nets.build_model(config)
+    apply_fn = nets.make_apply_fn(module)
     tx = train_step.make_optimizer(config.optim)
-    params = model.init_params(module, jax.random.PRNGKey(0), config)
+    params = nets.init_params(module, jax.random.PRNGKey(0), config)
     images = data.load_digits(8)
     batcher = data.Batcher(images, 16, seed=0, random_flip=False)
     n_steps = 4
@@ -198,7 +195,7 @@ def test_eight_devices_match_one_device(loss):
 
 
 def test_grid_sampler_is_built_once_per_times():
-    setup = train.Setup(tiny_config())
+    setup = Setup(tiny_config())
     assert setup.sampler((80.0,)) is setup.sampler([80])
     assert setup.sampler((80.0, 0.821)) is not setup.sampler((80.0,))
 

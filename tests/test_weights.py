@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation import convert_weights, inception, pth_reader, reference, weights
+from evaluation import convert_weights, inception, reference, weights
+from pretrained import pth as pth_reader
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm import resample
-from cm.resample import default_init
+from cm.nets import resample
+from cm.nets.resample import default_init
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 

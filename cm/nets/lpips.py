@@ -5,7 +5,7 @@ spatial=False)` called with `normalize=False`: images in [-1, 1], its scaling la
 features relu1_2 .. relu5_3, unit-normalised over channels as `x / (||x|| + 1e-10)`,
 squared difference, 1x1 linear heads without bias, spatial mean, sum over the 5 layers.
 
-Weights (each read by `evaluation.pth_reader`, no torch, sha256 checked in full):
+Weights (each read by `pretrained.pth`, no torch, sha256 checked in full):
   * backbone: torchvision's ImageNet VGG16, `vgg16-397923af.pth`
     (https://download.pytorch.org/models/vgg16-397923af.pth), sha256
     397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0;
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evaluation import pth_reader
-from evaluation.weights import DEFAULT_CACHE_DIR, WeightsError, _check_hash, download_weights
+from pretrained import pth
+from pretrained.fetch import DEFAULT_CACHE_DIR, WeightsError, check_hash, download_weights
 
 Variables = dict[str, Any]  # {'params': {'vgg': {'conv1_1': ...}, 'lin0': ..., ...}}
 
@@ -307,10 +307,10 @@ def _read(which: str, path: Path, sha256: str | None) -> dict[str, np.ndarray]:
     label = "LPIPS VGG16 backbone" if which == "vgg" else "LPIPS linear-head"
     if not path.is_file():
         raise WeightsError(f"{label} weights not found at {path}. {_hint(which, path)}")
-    _check_hash(path, sha256, f"the {label} weights", _hint(which, path))
+    check_hash(path, sha256, f"the {label} weights", _hint(which, path))
     try:
-        return pth_reader.read_state_dict(str(path))
-    except pth_reader.PthFormatError as e:
+        return pth.read_state_dict(str(path))
+    except pth.PthFormatError as e:
         raise WeightsError(f"cannot read {path}: {e}. {_hint(which, path)}") from e
 
 

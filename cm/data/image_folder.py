@@ -12,8 +12,8 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from cm import streaming
-from cm.data import DatasetError
+from cm.data import streaming
+from cm.data.sources import DatasetError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cm import ncsnpp
+from cm.nets import ncsnpp
 
 PyTree = Any
 

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm import layers
-from cm.resample import Downsample, Upsample
+from cm.nets import layers
+from cm.nets.resample import Downsample, Upsample
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _CHOICES = {

@@ -1,0 +1,110 @@
+"""The configured dataset: `DataConfig` (the `data` section) and the loader per `data.name`.
+
+Every dataset becomes uint8 images `[N, H, W, C]` (an array in host memory, or a
+streamed array-like for folders and TFDS datasets too large for it) and int32 labels
+`[N]` or None.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+
+from cm.config_view import view
+from cm.data import image_folder, streaming
+from cm.data.sources import (
+    DatasetError,
+    load_digits,
+    load_digits_labels,
+    load_npz_with_labels,
+    load_tfds_with_labels,
+    prepare,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"
+    path: str = ""
+    data_dir: str = ""
+    split: str = "train"
+    image_size: int = 32
+    num_channels: int = 3
+    random_flip: bool = True
+    crop: int = 0  # center crop to crop x crop before resizing (0 = none)
+    stream: str = "auto"  # folder / tfds:<name>: auto | never | always decode on access
+    max_memory_gb: float = 16.0  # "auto" streams datasets larger than this, decoded
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
+        return view(cls, config.data)
+
+
+def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+    return image_folder.load_folder(cfg.path, cfg.image_size, cfg.num_channels, cfg.stream,
+                                    cfg.max_memory_gb)
+
+
+def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+    return load_digits(cfg.image_size), load_digits_labels()
+
+
+# Each loader returns (uint8 images [N, H, W, C], int32 labels [N] or None).
+LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
+    "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
+    "digits": load_digits_with_labels,
+    "npz": lambda c: load_npz_with_labels(c.path),
+    "folder": lambda c: _load_folder(c),
+}
+
+
+def _load_tfds_by_name(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    name = cfg.name.split(":", 1)[1]
+    transform = lambda block: prepare(block, cfg.crop, cfg.image_size)  # noqa: E731
+    if cfg.stream != "never":
+        import tensorflow_datasets as tfds  # slow to import: only for TFDS sources
+
+        shape = (cfg.image_size, cfg.image_size, cfg.num_channels)
+        try:
+            source = tfds.data_source(name, split=cfg.split, data_dir=cfg.data_dir or None,
+                                      download=False)
+        except Exception:
+            source = None  # not prepared: load_tfds_with_labels explains
+        if source is not None and (cfg.stream == "always" or streaming.too_large(
+                len(source), shape, cfg.max_memory_gb)):
+            # Labels are read on access too (each read decodes the whole example).
+            labels = streaming.LazyLabels(source) if "label" in source[0] else None
+            return streaming.source_images(source, shape, transform), labels
+    return load_tfds_with_labels(name, cfg.split, cfg.data_dir, transform=transform)
+
+
+def load_dataset(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loads the configured dataset, checked against the configured shape.
+
+    Returns:
+      uint8 images `[N, S, S, C]` and int32 labels `[N]` (None if the dataset has none).
+    """
+    if cfg.stream not in ("auto", "never", "always"):
+        raise DatasetError(f"data.stream must be auto, never or always, got {cfg.stream!r}")
+    if cfg.name.startswith("tfds:"):
+        images, labels = _load_tfds_by_name(cfg)
+    elif cfg.name in LOADERS:
+        images, labels = LOADERS[cfg.name](cfg)
+    else:
+        raise DatasetError(f"unknown data.name {cfg.name!r}; expected one of {sorted(LOADERS)} "
+                           "or 'tfds:<name>' for any prepared TFDS image dataset")
+    if images.shape[0] == 0:
+        raise DatasetError(f"dataset {cfg.name!r} has no images")
+    if images.shape[1] != cfg.image_size or images.shape[2] != cfg.image_size:
+        images = prepare(images, cfg.crop, cfg.image_size)
+    if images.shape[-1] != cfg.num_channels:
+        raise DatasetError(f"dataset {cfg.name!r} has {images.shape[-1]} channels but "
+                           f"data.num_channels={cfg.num_channels}")
+    return images, labels
+
+
+def load_images(cfg: DataConfig) -> np.ndarray:
+    """The images of `load_dataset`."""
+    return load_dataset(cfg)[0]
+
