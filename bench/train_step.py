@@ -139,7 +139,7 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
     setup = Setup(config)
     state = setup.init_state()
     frozen, teacher_apply = random_frozen(setup, state.params)
-    ema_rates = tuple(config.training.ema_rates)
+    ema_rates = train_step.ema_rates(config.training)
     step_fn = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, ema_rates,
                                          setup.mesh, setup.step_key,
                                          teacher_apply_fn=teacher_apply)

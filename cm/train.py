@@ -21,6 +21,7 @@ from cm import (
     consistency,
     data,
     distributed,
+    init_from,
     logs,
     nets,
     pairing,
@@ -47,6 +48,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if t.transfer_guard not in guards:
         raise ValueError(f"training.transfer_guard must be one of {guards}, got "
                          f"{t.transfer_guard!r}")
+    if t.ema_halflife_kimg < 0:
+        raise ValueError(f"training.ema_halflife_kimg must be >= 0, got {t.ema_halflife_kimg}")
     if not t.ema_rates or any(not 0 <= r < 1 for r in t.ema_rates):
         raise ValueError(f"training.ema_rates must be rates in [0, 1), got {t.ema_rates}")
     if not 0 <= config.sample.ema_index < len(t.ema_rates):
@@ -117,8 +120,11 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     if start:  # restored onto the abstract state: no initialisation to compile and discard
         state = ckpt.restore(setup.abstract_state())
         logging.info("resumed from step %d in %s", start, run_dir)
+        if init_from.source(config) is not None:
+            logging.info("training.init_from / the CD teacher are ignored: this workdir "
+                         "resumes from its own checkpoint")
     else:
-        state = setup.init_state()
+        state = init_from.initial_state(config, setup) or setup.init_state()
     n_params = nets.count_params(state.params)
     logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
                  n_params / 1e6)
@@ -130,10 +136,11 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
 
     pair = pairing.Pairing(config, jax.local_device_count())
     step_fn = train_step.make_train_step(
-        setup.apply_fn, setup.cm, setup.tx, tuple(t.ema_rates), setup.mesh, setup.step_key,
+        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(t), setup.mesh, setup.step_key,
         device_assign=pair.device_fn, teacher_apply_fn=teacher_apply)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip, labels=labels)
+    logging.info("evaluation EMA rates: %s", ", ".join(f"{r:.6g}" for r in train_step.ema_rates(t)))
     logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
                  "(%d processes, %d rows here)", config.data.name, len(images),
                  images.shape[1:], t.batch_size, jax.device_count(), jax.process_count(),

@@ -50,6 +50,20 @@ def make_mesh(devices: list | None = None) -> Mesh:
     return Mesh(devices, ("data",))
 
 
+def ema_rates(training: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """The per-step rates of the evaluation EMAs.
+
+    `training.ema_rates` as given, except that `training.ema_halflife_kimg > 0` sets the
+    first rate the EDM way, from a half-life in images and the global batch:
+    rate = 0.5 ** (batch / (1000 * halflife_kimg)); 500 kimg at batch 512 is 0.99929.
+    """
+    rates = tuple(float(r) for r in training.ema_rates)
+    if training.ema_halflife_kimg > 0:
+        rate = 0.5 ** (training.batch_size / (1000.0 * training.ema_halflife_kimg))
+        rates = (rate,) + rates[1:]
+    return rates
+
+
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """RAdam or Adam with linear warmup and optional global-norm clipping."""
     if optim.warmup > 0:

@@ -96,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.batch_size = 512  # global batch
     training.n_iters = 800_000
     training.ema_rates = (0.9999,)  # evaluation EMAs of the online parameters
+    training.ema_halflife_kimg = 0.0  # > 0: the first EMA rate from a half-life (EDM's way)
+    training.init_from = ""  # a workdir to start from (fine-tuning); cd: '' = the teacher
+    training.init_step = -1  # init_from's checkpoint step; -1 = the latest
     training.log_every = 100
     training.sample_every = 10_000
     training.snapshot_every = 50_000  # kept checkpoints

@@ -1,9 +1,14 @@
-"""CIFAR-10 improved consistency training (iCT, Song & Dhariwal 2023).
+"""CIFAR-10 improved consistency training (iCT, Song & Dhariwal 2023, arXiv 2310.14189).
 
-No EMA teacher, pseudo-Huber metric, discrete lognormal level sampling
-(P_mean -1.1, P_std 2.0), exponential curriculum s0 = 10, s1 = 1280, weighting
-1/(t_{n+1} - t_n), dropout 0.3, Fourier scale 0.02, batch 1024, 400k steps, Adam
-lr 1e-4, eval EMA 0.99993. The iCT paper's deeper NCSN++ is not used here.
+Values from the iCT paper as restated in REFERENCE.md:
+- no EMA teacher (target = stop-gradient of the current parameters), pseudo-Huber
+  metric with c = 0.00054 * sqrt(dim), weighting 1 / (t_{n+1} - t_n);
+- discrete lognormal level sampling, P_mean -1.1, P_std 2.0;
+- exponential curriculum s0 = 10, s1 = 1280;
+- dropout 0.3, Fourier scale 0.02, batch 1024, 400k iterations, eval EMA 0.99993.
+Not restated in REFERENCE.md and not re-checked against the paper in this round:
+Adam with lr 1e-4 and no warmup (the first round's reading of the paper). The iCT
+paper's deeper NCSN++ (its best FIDs) is not used here.
 """
 
 from configs import base

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, edm, sample_run, train, workdir
+from cm import checkpoints, consistency, edm, init_from, sample_run, train, workdir
+from cm import setup as setup_lib
 from tests.helpers import tiny_config
 
 CFG = consistency.CMConfig(loss="edm", p_mean=-1.2, p_std=1.2)
@@ -129,6 +130,10 @@ def test_eval_sampler_names_follow_the_kind_of_model():
         eval_run.EvalConfig(samplers=("1step",)).validate(diffusion=True)
 
 
+def _leaves(tree):
+    return jax.tree.leaves(jax.device_get(tree))
+
+
 def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     from configs import cifar10_cd, cifar10_edm
 
@@ -148,9 +153,38 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     with pytest.raises(FileNotFoundError, match="train the EDM teacher"):
         train.train(config, str(tmp_path / "cd_missing"))
     config.cm.teacher_workdir = str(tmp_path / "edm")
+
+    # Before the first update, the student's online, target and EMA parameters are the
+    # teacher's EMA parameters (the CD paper; the OpenAI code's finetune=True).
+    _, teacher_ema = setup_lib.load_teacher(config)
+    start = init_from.initial_state(config, setup_lib.Setup(config))
+    want = _leaves(teacher_ema)
+    for tree in (start.params, start.target_params, *start.ema_params):
+        for a, b in zip(_leaves(tree), want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert int(start.step) == 0
+
     last = train.train(config, str(tmp_path / "cd"))
     assert last["step"] == 3 and np.isfinite(last["loss"])
-    assert last["num_scales"] == 18 and last["mu"] == pytest.approx(0.95)
+    assert last["num_scales"] == 18 and last["mu"] == 0.0  # CIFAR-10 CD: target = online
+
+    # The same path in train(): after one real update the EMA is r * teacher + (1 - r) *
+    # online and the target (mu = 0) is the online network.
+    one = cifar10_cd.get_config("smoke")
+    one.data, one.model, one.cm = small.data, small.model, config.cm
+    one.training.n_iters, one.training.snapshot_every, one.training.sample_every = 1, 1, 0
+    train.train(one, str(tmp_path / "cd1"))
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "cd1"))
+    state = ckpt.restore(setup_lib.Setup(one).abstract_state())
+    ckpt.close()
+    (rate,) = one.training.ema_rates
+    moved = 0.0
+    for t, p, tg, e in zip(want, _leaves(state.params), _leaves(state.target_params),
+                           _leaves(state.ema_params[0]), strict=True):
+        np.testing.assert_array_equal(tg, p)
+        np.testing.assert_allclose(e, rate * t + (1 - rate) * p, rtol=1e-5, atol=1e-7)
+        moved = max(moved, float(np.max(np.abs(p - t))))
+    assert moved > 0, "the update must move the parameters for this check to mean anything"
 
 
 def test_heun_step_matches_the_sampler():
