@@ -26,6 +26,11 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.DEFINE_integer("initialization_timeout", 300,
                      "Seconds to wait for all processes to connect before failing.")
+flags.DEFINE_bool("compilation_cache", True,
+                  "Keep compiled programs in --compilation_cache_dir, so that a relaunch of "
+                  "the same config skips compiling (--nocompilation_cache: off).")
+flags.DEFINE_string("compilation_cache_dir", "~/.cache/immiscible_cm/jax_cache",
+                    "Where the persistent compilation cache lives (JAX's own format).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -69,7 +74,10 @@ def dispatch(argv):
 
     import jax
 
+    from cm import compile_cache
+
     jax.config.update("jax_threefry_partitionable", True)
+    compile_cache.enable(FLAGS.compilation_cache_dir if FLAGS.compilation_cache else None)
     config = FLAGS.config
     if FLAGS.mode == "train":
         from cm import train

@@ -36,6 +36,9 @@ config_flags.DEFINE_config_file("config", "configs/cifar10_ct.py", "Config file.
 flags.DEFINE_integer("steps", 30, "Timed steps per window.")
 flags.DEFINE_integer("windows", 3, "Timed windows (the median is reported).")
 flags.DEFINE_bool("breakdown", True, "Also time the update alone and the batch transfer.")
+flags.DEFINE_list("steps_per_call", ["1"],
+                  "Training steps per jitted call (training.steps_per_call); several values, "
+                  "e.g. 1,8, are measured in one run and compared with the first.")
 FLAGS = flags.FLAGS
 
 # Dense peak FLOP/s of common accelerators (vendor figures, no sparsity). "float32" is
@@ -135,21 +138,26 @@ def random_frozen(setup: Setup, params):
     return frozen, teacher_apply
 
 
-def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
+def benchmark(config, steps: int, windows: int, breakdown: bool = True,
+              steps_per_call: int = 1) -> dict:
+    """Times `steps` calls per window of the step (each call `steps_per_call` steps)."""
     setup = Setup(config)
     state = setup.init_state()
     frozen, teacher_apply = random_frozen(setup, state.params)
     ema_rates = train_step.ema_rates(config.training)
     step_fn = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, ema_rates,
                                          setup.mesh, setup.step_key,
-                                         teacher_apply_fn=teacher_apply)
+                                         teacher_apply_fn=teacher_apply,
+                                         steps_per_call=steps_per_call)
     b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
     host = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
             "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
     if config.model.num_classes > 0:
         host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
-    batch = train_step.shard_batch(host, setup.mesh)
+    k = steps_per_call
+    stacked = {name: np.stack([v] * k) for name, v in host.items()} if k > 1 else host
+    batch = train_step.shard_batch(stacked, setup.mesh, stacked=k > 1)
 
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, batch, frozen)
@@ -174,19 +182,20 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
 
     back_to_back(one_step, 1)  # warm up
     windows_s = [back_to_back(one_step, steps) for _ in range(windows)]
-    rates = [1.0 / per_step for per_step, _ in windows_s]
+    rates = [k / per_call for per_call, _ in windows_s]  # steps/s
     state = holder["state"]
     sps = float(np.median(rates))
     out = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
            "devices": jax.device_count(), "batch": b, "loss": setup.cm.loss,
            "params": nets.count_params(state.params),
            "compile_s": compile_s, "steps_per_s": sps, "images_per_s": sps * b,
-           "flops_per_step": flops, "tflops_per_s": flops * sps / 1e12,
-           "dispatch_s": float(np.median([host for _, host in windows_s])),
+           "flops_per_step": flops / k, "tflops_per_s": flops / k * sps / 1e12,
+           "steps_per_call": k,
+           "dispatch_s": float(np.median([host for _, host in windows_s])) / k,
            "memory": memory}
     peak = peak_for(jax.devices()[0], config.model.dtype)
     if peak and flops:
-        out["fraction_of_peak"] = flops * sps / (peak * jax.device_count())
+        out["fraction_of_peak"] = flops / k * sps / (peak * jax.device_count())
     if breakdown:
         update = jax.jit(
             lambda st, g: train_step.apply_updates(st, g, setup.tx, setup.cm, ema_rates)[0],
@@ -207,16 +216,22 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True) -> dict:
 
 def main(argv):
     del argv
-    r = benchmark(FLAGS.config, FLAGS.steps, FLAGS.windows, FLAGS.breakdown)
+    ks = [int(k) for k in FLAGS.steps_per_call]
+    results = [benchmark(FLAGS.config, FLAGS.steps, FLAGS.windows,
+                         FLAGS.breakdown and i == 0, k) for i, k in enumerate(ks)]
+    r = results[0]
     print(f"backend {r['backend']} ({r['device']} x{r['devices']}), cm.loss {r['loss']} "
           f"metric {FLAGS.config.cm.metric}, "
           f"params {r['params']:,}, global batch {r['batch']}, dtype {FLAGS.config.model.dtype}")
-    print(f"compile {r['compile_s']:.1f} s; {r['memory']}")
-    print(f"{r['steps_per_s']:.3f} steps/s  {r['images_per_s']:.1f} images/s")
-    step_ms = 1e3 / r["steps_per_s"]
-    print(f"host time per step call: {1e3 * r['dispatch_s']:.2f} ms of the {step_ms:.1f} ms step "
-          "(dispatch is asynchronous: the host is the bottleneck only when this is not the "
-          "smaller)")
+    for r in results:
+        step_ms = 1e3 / r["steps_per_s"]
+        print(f"-- {r['steps_per_call']} step(s) per call: compile {r['compile_s']:.1f} s; "
+              f"{r['memory']}")
+        print(f"{r['steps_per_s']:.3f} steps/s  {r['images_per_s']:.1f} images/s")
+        print(f"host time per step: {1e3 * r['dispatch_s']:.2f} ms of the {step_ms:.2f} ms "
+              f"step ({100 * r['dispatch_s'] / (step_ms / 1e3):.1f}%; dispatch is "
+              "asynchronous: the host is the bottleneck only when this is not the smaller)")
+    r = results[0]
     print(f"{r['flops_per_step'] / 1e9:.1f} GFLOP/step (XLA cost analysis)  "
           f"{r['tflops_per_s']:.2f} TFLOP/s achieved")
     if "fraction_of_peak" in r:
@@ -228,6 +243,11 @@ def main(argv):
               f"call {1e3 * r['update_dispatch_s']:.2f} ms")
         print(f"host-to-device copy of one batch: {1e3 * r['transfer_s']:.2f} ms "
               f"({100 * r['transfer_s'] / step_s:.1f}% of the step; overlapped in training)")
+    for r in results[1:]:
+        base = results[0]
+        print(f"{r['steps_per_call']} vs {base['steps_per_call']} steps per call: images/s "
+              f"x{r['images_per_s'] / base['images_per_s']:.2f}, host time per step "
+              f"x{r['dispatch_s'] / base['dispatch_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ shard inside the jitted step. Each item of `Pairing.inputs` is one step's
 `{"batch": arrays on the mesh, "diagnostics": {name: float}}`.
 """
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 
 import assignment
 from cm.data import Batcher
@@ -72,20 +74,40 @@ class Pairing:
 
             self.device_fn = device_fn
 
-    def inputs(self, batcher: Batcher, start_step: int,
-               place: Callable[[dict], dict]) -> assignment.Pipeline:
+    def inputs(self, batcher: Batcher, start_step: int, place: Callable[[dict], dict],
+               steps_per_item: int = 1) -> assignment.Pipeline:
         """The paired batches from `start_step`, as an iterator and context manager.
 
         `place(arrays) -> arrays` (e.g. `shard_batch` onto the mesh) runs in the
         pipeline's thread, so the host-to-device copy of the next batches overlaps the
         current step instead of delaying its dispatch. `Pipeline.stats()` gives the
-        time the trainer waited for them.
+        time the trainer waited for them. With `steps_per_item = k > 1` each item holds
+        k consecutive steps' paired batches stacked `[k, B, ...]` (each paired exactly
+        as alone) and their k diagnostics.
         """
         batch_fn = assignment.make_batch_fn(self.options)
+        k = steps_per_item
 
-        def paired(batch: dict, step: int) -> dict:
-            arrays, diagnostics = assignment.split_diagnostics(batch_fn(batch, step))
-            return {"batch": place(arrays), "diagnostics": diagnostics}
+        def paired(group: list[dict], index: int) -> dict:
+            first = start_step + (index - start_step) * k  # the Pipeline counts items
+            arrays, diagnostics = [], []
+            for i, batch in enumerate(group):
+                a, d = assignment.split_diagnostics(batch_fn(batch, first + i))
+                arrays.append(a)
+                diagnostics.append(d)
+            if k == 1:
+                return {"batch": place(arrays[0]), "diagnostics": diagnostics}
+            stacked = {name: np.stack([a[name] for a in arrays]) for name in arrays[0]}
+            return {"batch": place(stacked), "diagnostics": diagnostics}
 
-        return assignment.Pipeline(batcher(start_step), paired, start_step=start_step,
-                                   prefetch=self.prefetch)
+        return assignment.Pipeline(_groups(batcher(start_step), k), paired,
+                                   start_step=start_step, prefetch=self.prefetch)
+
+
+def _groups(batches: Iterator[dict], k: int) -> Iterator[list[dict]]:
+    """Consecutive batches in lists of k."""
+    while True:
+        group = list(itertools.islice(batches, k))
+        if len(group) < k:
+            return
+        yield group

@@ -10,6 +10,7 @@ checkpoints and sample grids; only process 0 writes config, metrics and images.
 
 import functools
 import os
+import time
 
 import jax
 import ml_collections
@@ -18,6 +19,7 @@ from absl import logging
 
 from cm import (
     checkpoints,
+    compile_cache,
     consistency,
     data,
     distributed,
@@ -44,6 +46,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"training.{name} must be >= 0, got {t[name]}")
     if t.log_every == 0:
         raise ValueError("training.log_every must be positive")
+    k = t.steps_per_call
+    if k < 1:
+        raise ValueError(f"training.steps_per_call must be >= 1, got {k}")
+    uneven = [name for name in ("n_iters", "log_every", "sample_every", "snapshot_every",
+                                "resume_every") if t[name] % k]
+    if uneven:
+        raise ValueError(f"training.steps_per_call={k}: logs, samples and checkpoints happen "
+                         f"between calls, so training.{uneven[0]}={t[uneven[0]]} must be a "
+                         f"multiple of {k}")
     guards = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
     if t.transfer_guard not in guards:
         raise ValueError(f"training.transfer_guard must be one of {guards}, got "
@@ -105,6 +116,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         resuming later continues exactly as the uninterrupted run.
     """
     validate(config)
+    clock, t_start = compile_cache.CompileClock(), time.perf_counter()
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
     images, labels = data.load_dataset(data.DataConfig.from_config(config))
@@ -134,10 +146,16 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
+    k = t.steps_per_call
+    if start % k or (stop_after is not None and stop_after % k):
+        raise ValueError(f"training.steps_per_call={k} runs steps in groups of {k}, but the "
+                         f"run starts at step {start}"
+                         + (f" and stops after {stop_after}" if stop_after else "")
+                         + ", not a multiple of it")
     pair = pairing.Pairing(config, jax.local_device_count())
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(t), setup.mesh, setup.step_key,
-        device_assign=pair.device_fn, teacher_apply_fn=teacher_apply)
+        device_assign=pair.device_fn, teacher_apply_fn=teacher_apply, steps_per_call=k)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip, labels=labels)
     logging.info("evaluation EMA rates: %s", ", ".join(f"{r:.6g}" for r in train_step.ema_rates(t)))
@@ -155,35 +173,50 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         nonlocal pending
         values = jax.device_get([v for _, v in pending])
         for (s, _), v in zip(pending, values, strict=True):
-            if not np.isfinite(v):
+            v = np.atleast_1d(v)  # one call's losses: steps s - len(v) + 1 .. s
+            bad = np.flatnonzero(~np.isfinite(v))
+            if bad.size:
                 raise FloatingPointError(
-                    f"loss is {float(v)} at step {s}; stopping. The last good checkpoint "
-                    f"(step {last_good}) is kept in {run_dir}.")
+                    f"loss is {float(v[bad[0]])} at step {s - len(v) + 1 + bad[0]}; "
+                    f"stopping. The last good checkpoint (step {last_good}) is kept in "
+                    f"{run_dir}.")
         pending = []
         return values
 
     try:
-        place = functools.partial(train_step.shard_batch, mesh=setup.mesh)
+        place = functools.partial(train_step.shard_batch, mesh=setup.mesh, stacked=k > 1)
         # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
         # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
-        with pair.inputs(batcher, start, place) as inputs, jax.transfer_guard(t.transfer_guard):
+        with pair.inputs(batcher, start, place, k) as inputs, \
+                jax.transfer_guard(t.transfer_guard):
             meter = logs.Meter(start, t.n_iters, t.batch_size)
             step = start
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
             while step < end:
-                item = next(inputs)  # this step's batch, paired and on the mesh
-                meter.add(item["diagnostics"])
+                item = next(inputs)  # this call's k batches, paired and on the mesh
+                for diagnostics in item["diagnostics"]:
+                    meter.add(diagnostics)
                 state, metrics = step_fn(state, item["batch"], frozen)
-                step += 1
-                pending.append((step, metrics["loss"]))
-                window_losses.append(metrics["loss"])
+                step += k
+                if step == start + k and is_main:  # one sync, to say what start-up cost
+                    jax.block_until_ready(metrics)
+                    c = clock.read()
+                    logging.info("first step done %.1f s after start: compiling %.1f s "
+                                 "(tracing %.1f s, lowering %.1f s), persistent cache %d "
+                                 "hits / %d misses", time.perf_counter() - t_start,
+                                 c["compile_s"], c["trace_s"], c["lower_s"],
+                                 c["cache_hits"], c["cache_misses"])
+                losses = metrics.pop("losses", metrics["loss"])  # [k], or this step's
+                pending.append((step, losses))
+                window_losses.append(losses)
 
                 if step % t.log_every == 0 or step == t.n_iters:
                     check_losses()
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     # `loss` is this step's loss (reproducible across resumes); `loss_avg`
                     # averages the steps since the previous log line (or the resume).
-                    m["loss_avg"] = float(np.mean(jax.device_get(window_losses)))
+                    m["loss_avg"] = float(np.mean(np.concatenate(
+                        [np.atleast_1d(v) for v in jax.device_get(window_losses)])))
                     window_losses = []
                     rates, diagnostics = meter.read(step, inputs.stats().waited_seconds)
                     # Assignment runs per host: its diagnostics are averaged over hosts

@@ -121,15 +121,21 @@ def apply_updates(state: TrainState, grads: PyTree, tx: optax.GradientTransforma
 def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
                     mesh: Mesh, base_key: jax.Array,
-                    device_assign: DeviceAssignFn | None = None, teacher_apply_fn=None):
+                    device_assign: DeviceAssignFn | None = None, teacher_apply_fn=None,
+                    steps_per_call: int = 1):
     """Returns the jitted `train_step(state, batch, frozen=None) -> (state, metrics)`.
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
-    optionally `label` `[B]`). The state is donated. `frozen` holds replicated inputs
-    that are never trained nor checkpointed (see `frozen_inputs`): `teacher` (the EDM
-    teacher's parameters for `cm.loss=cd`, applied with `teacher_apply_fn`) and `lpips`
-    (the LPIPS weights for `cm.metric=lpips`). They are arguments rather than
-    constants captured by the jitted function, so they are not baked into the program.
+    optionally `label` `[B]`). The state is donated. With `steps_per_call = k > 1` the
+    function runs k steps in one call (`lax.scan`) on `[k, B, ...]` batches (see
+    `shard_batch(..., stacked=True)`), so small models pay the host's per-call cost once
+    per k steps; its metrics are the last step's, plus `losses` `[k]`.
+
+    `frozen` holds replicated inputs that are never trained nor checkpointed (see
+    `cm.setup.frozen_inputs`): `teacher` (the EDM teacher's parameters for `cm.loss=cd`,
+    applied with `teacher_apply_fn`) and `lpips` (the LPIPS weights for
+    `cm.metric=lpips`). They are arguments rather than constants captured by the jitted
+    function, so they are not baked into the program.
     """
     loss_impl = losses.LOSS_FNS[cfg.loss]
     if cfg.loss == "cd":
@@ -184,16 +190,29 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         }
         return new_state, metrics
 
+    def train_steps(state: TrainState, batches: dict, frozen: dict | None = None,
+                    ) -> tuple[TrainState, dict]:
+        def body(state, batch):
+            return train_step(state, batch, frozen)
+
+        state, metrics = jax.lax.scan(body, state, batches)  # metrics stacked [k]
+        last = jax.tree.map(lambda v: v[-1], metrics)
+        return state, {**last, "losses": metrics["loss"]}
+
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    fn = train_step if steps_per_call == 1 else train_steps
     replicated = NamedSharding(mesh, P())
-    return jax.jit(train_step, donate_argnums=(0,), out_shardings=(replicated, replicated))
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
+def shard_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
     """Places this process's host batch onto the mesh, split along the batch axis.
 
     With several processes, each passes its own `[B_host, ...]` rows; the result is
     the global `[B_host * process_count, ...]` array, process p's rows at
-    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process).
+    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process). `stacked`:
+    the arrays are `[k, B_host, ...]`, k steps' batches, split along their second axis.
     """
-    sharding = NamedSharding(mesh, P("data"))
+    sharding = NamedSharding(mesh, P(None, "data") if stacked else P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

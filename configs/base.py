@@ -105,6 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_snapshots = 3
     training.resume_every = 1_000  # frequent checkpoint, only the latest is kept
     training.n_grid = 64  # images in the sample grid PNG
+    training.steps_per_call = 1  # k > 1: k steps per jitted call (lax.scan), for small models
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
     # Sampling.

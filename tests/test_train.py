@@ -210,3 +210,30 @@ def test_saved_config_from_an_older_version_gets_new_fields(tmp_path):
     loaded = workdir.load_config(str(tmp_path))
     assert loaded.data.stream == "auto" and loaded.sample.label == -1
     assert loaded.model.ch_mult == (1, 2) and loaded.training.ema_rates == (0.99,)
+
+
+def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path):
+    """k = 3 steps per jitted call (lax.scan over pre-paired batches) trains the same
+    run as one step per call: the same per-step losses at the log steps, and bitwise the
+    same parameters after steps that move them (warmup 2 of 6 steps)."""
+    full_dir, _ = uninterrupted
+    config = tiny_config(**{"training.sample_every": 3, "training.steps_per_call": 3,
+                            "training.log_every": 3})
+    last = train.train(config, str(tmp_path))
+    assert last["step"] == 6
+    by_step = {r["step"]: r for r in read_metrics(full_dir)}
+    rows = read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [3, 6]
+    for r in rows:
+        assert r["loss"] == by_step[r["step"]]["loss"]
+        assert r["grad_norm"] == by_step[r["step"]]["grad_norm"]
+    a, b = final_params(full_dir, config), final_params(str(tmp_path), config)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    moved = final_params(full_dir, config).params
+    start = Setup(config).init_state().params
+    assert any(np.any(np.asarray(p) != np.asarray(q)) for p, q in
+               zip(jax.tree.leaves(moved), jax.tree.leaves(jax.device_get(start)), strict=True))
+    config.training.log_every = 2
+    with pytest.raises(ValueError, match="multiple of 3"):
+        train.validate(config)
