@@ -38,11 +38,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv):
+    from cm import preemption
+
     try:
         dispatch(argv)
     except _user_errors() as e:  # expected failures: one clear message, no traceback
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+    except preemption.Preempted as e:  # SIGTERM / SIGINT: logged with its checkpoint
+        sys.exit(e.exit_code)
 
 
 def dispatch(argv):

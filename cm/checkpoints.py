@@ -67,6 +67,11 @@ class Checkpointer:
             saved = True
         return saved
 
+    def save_resume(self, step: int, state: PyTree) -> None:
+        """Saves `step` as a resume checkpoint now, unless a checkpoint of it exists."""
+        if step not in self.snapshots.all_steps() and step not in self.resume.all_steps():
+            self.resume.save(step, args=ocp.args.StandardSave(state), force=True)
+
     def wait(self) -> None:
         self.snapshots.wait_until_finished()
         self.resume.wait_until_finished()

@@ -28,6 +28,7 @@ from cm import (
     input_pipeline,
     logs,
     model,
+    preemption,
     sampling,
     train_step,
     workdir,
@@ -279,7 +280,8 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
         # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
         with input_pipeline.make_input(config, batcher, start, jax.local_device_count(),
-                                       place) as inputs, jax.transfer_guard(t.transfer_guard):
+                                       place) as inputs, jax.transfer_guard(t.transfer_guard), \
+                preemption.StopSignals() as stop:
             t_log, waited_log = time.perf_counter(), 0.0
             diag_acc: dict[str, list[float]] = {}
             step = prev_log = start
@@ -331,6 +333,11 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                     check_losses()  # never checkpoint a state that saw a NaN
                     if ckpt.save(step, state, force=final):
                         last_good = step
+                if stop.should_stop(step):  # SIGTERM / SIGINT: checkpoint this step and exit
+                    check_losses()
+                    ckpt.save_resume(step, state)
+                    ckpt.wait()
+                    raise stop.stopped(step, ckpt.workdir)
                 if (t.sample_every and step % t.sample_every == 0) or final:
                     ema = state.ema_params[config.sample.ema_index]
                     path = _write_grid(setup, ema, step, run_dir)  # all processes
