@@ -31,10 +31,10 @@ FLAGS = flags.FLAGS
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from cm import data, workdir
+    from cm import checkpoints, data, workdir
 
     return (FileNotFoundError, data.DatasetError, workdir.IncompatibleWorkdirError,
-            FloatingPointError)
+            FloatingPointError, checkpoints.CheckpointError)
 
 
 def main(argv):

@@ -233,12 +233,15 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
-    start = ckpt.latest_step() or 0
-    if start:  # restored onto the abstract state: no initialisation to compile and discard
-        state = ckpt.restore(setup.abstract_state())
+    try:  # restored onto the abstract state: no initialisation to compile and discard
+        start, state = ckpt.restore_newest(setup.abstract_state(), set_aside=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    if start:
         logging.info("resumed from step %d in %s", start, run_dir)
     else:
-        state = setup.init_state()
+        start, state = 0, setup.init_state()
     n_params = model.count_params(state.params)
     logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
                  n_params / 1e6)
