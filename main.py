@@ -30,21 +30,29 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from cm import checkpoints, data, workdir
+EXIT_USAGE = 2  # the command, its config or its workdir is wrong; nothing was done
 
-    return (FileNotFoundError, data.DatasetError, workdir.IncompatibleWorkdirError,
-            FloatingPointError, checkpoints.CheckpointError)
+
+def _user_errors() -> dict[type[Exception], int]:
+    """Expected failures (one clear line, no traceback) and their exit statuses."""
+    from cm import checkpoints, data, run_lock, workdir
+
+    return {workdir.IncompatibleWorkdirError: EXIT_USAGE,
+            run_lock.WorkdirLockedError: EXIT_USAGE,
+            FileNotFoundError: 1, data.DatasetError: 1, FloatingPointError: 1,
+            checkpoints.CheckpointError: 1}
 
 
 def main(argv):
     from cm import preemption
 
+    errors = _user_errors()
     try:
         dispatch(argv)
-    except _user_errors() as e:  # expected failures: one clear message, no traceback
+    except tuple(errors) as e:
         logging.error("%s", e)
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(next(code for kind, code in errors.items() if isinstance(e, kind)))
     except preemption.Preempted as e:  # SIGTERM / SIGINT: logged with its checkpoint
         sys.exit(e.exit_code)
 
@@ -52,6 +60,8 @@ def main(argv):
 def dispatch(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from cm import distributed  # before anything else touches JAX's devices
 
     try:
@@ -61,6 +71,10 @@ def dispatch(argv):
             timeout_s=FLAGS.initialization_timeout))
     except (ValueError, distributed.DistributedInitError) as e:
         sys.exit(f"error: {e}")
+    if FLAGS.mode == "train" and jax.process_count() == 1:
+        from cm import run_lock
+
+        run_lock.check_free(FLAGS.workdir)  # refused before its log touches the workdir
     if distributed.is_main():  # the other processes only log warnings, to stderr
         os.makedirs(FLAGS.workdir, exist_ok=True)
         logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
@@ -70,9 +84,6 @@ def dispatch(argv):
     from cm import logs
 
     logs.quiet_libraries()
-
-    import jax
-
     jax.config.update("jax_threefry_partitionable", True)
     config = FLAGS.config
     if FLAGS.mode == "train":

@@ -74,6 +74,16 @@ class Checkpointer:
     def snapshot_steps(self) -> list[int]:
         return sorted(self.snapshots.all_steps())
 
+    def all_steps(self) -> list[int]:
+        """Every step with a checkpoint, snapshot or resume."""
+        return sorted(set(self.snapshots.all_steps()) | set(self.resume.all_steps()))
+
+    def reload(self) -> None:
+        """Lists the checkpoints again (another process, e.g. training, may have changed
+        them)."""
+        self.snapshots.reload()
+        self.resume.reload()
+
     def latest_step(self) -> int | None:
         steps = [s for s in (self.snapshots.latest_step(), self.resume.latest_step())
                  if s is not None]
@@ -158,8 +168,7 @@ class Checkpointer:
                 logging.warning("moved the damaged checkpoint %s to %s", path, dest)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("checkpoints_set_aside")
-        self.snapshots.reload()
-        self.resume.reload()
+        self.reload()
 
     def save(self, step: int, state: PyTree, force: bool = False) -> bool:
         """Saves on the configured triggers (or always with `force`); returns whether it did."""

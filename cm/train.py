@@ -29,6 +29,7 @@ from cm import (
     logs,
     model,
     preemption,
+    run_lock,
     sampling,
     train_step,
     workdir,
@@ -220,8 +221,16 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
       run_dir: the workdir; a checkpoint there means continue.
       stop_after: stop (with a checkpoint) after this step, as a preemption would;
         resuming later continues exactly as the uninterrupted run.
+
+    Raises:
+      run_lock.WorkdirLockedError: another trainer holds `run_dir`.
     """
     validate(config)
+    with run_lock.hold(run_dir, distributed.is_main()):  # one trainer per workdir
+        return _train(config, run_dir, stop_after)
+
+
+def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None) -> dict:
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
     images, labels = data.load_dataset(data.DataConfig.from_config(config))
