@@ -1,8 +1,9 @@
 """Checkpoints in the workdir: kept snapshots plus one frequent resume checkpoint.
 
 Two orbax `CheckpointManager`s: `checkpoints/` keeps the last `keep` snapshots (the
-ones evaluation reads), `resume/` keeps only the latest frequent checkpoint. Restoring
-takes whichever of the two is newer, so the workdir is the resume key.
+ones evaluation reads), `resume/` keeps the latest two frequent checkpoints (the older
+one is there to fall back to when the newest already holds diverging parameters).
+Restoring takes whichever of the two is newer, so the workdir is the resume key.
 
 A checkpoint that cannot be restored (a truncated or missing file) is reported by name
 and the next newest one is restored instead; training moves the damaged ones aside, to
@@ -27,6 +28,7 @@ from jax.experimental import multihost_utils
 
 PyTree = Any
 DAMAGED_DIR = "damaged"
+RESUME_KEEP = 2  # frequent checkpoints kept: the newest may already be diverging
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +71,7 @@ class Checkpointer:
         self.snapshots = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"),
                                                options=opts(keep))
         self.resume = ocp.CheckpointManager(os.path.join(self.workdir, "resume"),
-                                            options=opts(1))
+                                            options=opts(RESUME_KEEP))
 
     def snapshot_steps(self) -> list[int]:
         return sorted(self.snapshots.all_steps())

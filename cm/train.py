@@ -212,6 +212,28 @@ def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
     return path
 
 
+def diverged_message(step: int, loss: float, ckpt: checkpoints.Checkpointer) -> str:
+    """What a run that hit a non-finite loss says: which checkpoints exist, how to go on."""
+    settings = ("run the command again with different settings, e.g. a smaller "
+                "--config.optim.lr, a longer --config.optim.warmup or another "
+                "--config.training.seed (the changed fields are logged)")
+    resume, snaps = sorted(ckpt.resume.all_steps()), ckpt.snapshot_steps()
+    steps = sorted(set(resume) | set(snaps))
+    if not steps:
+        return (f"loss is {loss} at step {step}; stopping. No checkpoint was written before "
+                f"it in {ckpt.workdir}: {settings}; it starts from scratch.")
+    newest = steps[-1]
+    text = (f"loss is {loss} at step {step}; stopping. Checkpoints in {ckpt.workdir}: resume "
+            f"steps {resume}, snapshots {snaps}. To go on, {settings}; it resumes from step "
+            f"{newest}.")
+    if len(steps) > 1:
+        kind = "resume" if newest in resume else "checkpoints"
+        text += (f" Step {newest} may already hold diverging parameters: to resume from step "
+                 f"{steps[-2]} instead, first move {os.path.join(ckpt.workdir, kind, str(newest))}"
+                 " out of the workdir.")
+    return text
+
+
 def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None = None,
           ) -> dict:
     """Trains (or resumes) the run in `run_dir`; returns the last logged metrics.
@@ -274,16 +296,14 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     last = {}
     pending: list[tuple[int, jax.Array]] = []
     window_losses: list[jax.Array] = []
-    last_good = start
 
     def check_losses():
         nonlocal pending
         values = jax.device_get([v for _, v in pending])
         for (s, _), v in zip(pending, values, strict=True):
             if not np.isfinite(v):
-                raise FloatingPointError(
-                    f"loss is {float(v)} at step {s}; stopping. The last good checkpoint "
-                    f"(step {last_good}) is kept in {run_dir}.")
+                ckpt.wait()  # list only checkpoints that are complete
+                raise FloatingPointError(diverged_message(s, float(v), ckpt))
         pending = []
         return values
 
@@ -343,8 +363,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
                     t.resume_every and step % t.resume_every == 0)
                 if due or final:
                     check_losses()  # never checkpoint a state that saw a NaN
-                    if ckpt.save(step, state, force=final):
-                        last_good = step
+                    ckpt.save(step, state, force=final)
                 if stop.should_stop(step):  # SIGTERM / SIGINT: checkpoint this step and exit
                     check_losses()
                     ckpt.save_resume(step, state)

@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every = 10_000
     training.snapshot_every = 50_000  # kept checkpoints
     training.keep_snapshots = 3
-    training.resume_every = 1_000  # frequent checkpoint, only the latest is kept
+    training.resume_every = 1_000  # frequent checkpoints, the latest two are kept
     training.n_grid = 64  # images in the sample grid PNG
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
