@@ -8,6 +8,7 @@ the same global batch, which does not depend on the number of processes.
 
 import dataclasses
 import os
+import zipfile
 from collections.abc import Callable
 
 import ml_collections
@@ -52,7 +53,7 @@ def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`)."""
     if not os.path.exists(path):
         raise DatasetError(f"data.path {path!r} does not exist")
-    with np.load(path) as f:
+    with _open_npz(path) as f:
         keys = [k for k in ("images", "x") if k in f]
         if not keys:
             raise DatasetError(f"{path}: expected an array named 'images' or 'x', found "
@@ -72,6 +73,22 @@ def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
             raise DatasetError(f"{path}: non-uint8 images must lie in [0, 255]")
         images = images.astype(np.uint8)
     return images, labels
+
+
+def _open_npz(path: str):
+    """`np.load` of an .npz archive, or a DatasetError saying what the file is instead."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise DatasetError(f"data.path {path!r} is a single .npy array, not an .npz archive: "
+                           "save it with np.savez(path, images=images)")
+    if not head.startswith(b"PK"):
+        raise DatasetError(f"data.path {path!r} is not an .npz archive (a zip of arrays, as "
+                           "np.savez writes); it starts with " + repr(head))
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"data.path {path!r} is not a readable .npz archive: {e}") from e
 
 
 def _cifar_help(data_dir: str) -> str:

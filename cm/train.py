@@ -36,8 +36,25 @@ from cm import (
 )
 
 
+class ConfigError(ValueError):
+    """The config cannot run; the message names the field and what it must be."""
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Config errors that would otherwise surface deep inside a run."""
+    """Config errors that would otherwise surface deep inside a run.
+
+    Raises:
+      ConfigError: the first problem found.
+    """
+    try:
+        _validate(config)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the checks of the config sections raise plain ValueErrors
+        raise ConfigError(str(e)) from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     t = config.training
     n_dev = jax.device_count()
     if t.batch_size <= 0 or t.batch_size % n_dev:
