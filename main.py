@@ -128,7 +128,10 @@ def _check_flags(argv: list[str]) -> list[str]:
         if FLAGS.config is not None:
             _ = FLAGS.config.data  # a config file that failed to load raises on first use
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1:  # a config file's get_config raised: keep what and where
+            lines = [lines[0], lines[-1]]
+        print(f"error: {' '.join(lines)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")

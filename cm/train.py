@@ -65,6 +65,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"training.{name} must be >= 0, got {t[name]}")
     if t.log_every == 0:
         raise ValueError("training.log_every must be positive")
+    if t.keep_snapshots < 1:
+        raise ValueError(f"training.keep_snapshots must be >= 1 (the newest snapshot is "
+                         f"always kept), got {t.keep_snapshots}")
     guards = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
     if t.transfer_guard not in guards:
         raise ValueError(f"training.transfer_guard must be one of {guards}, got "
@@ -88,6 +91,10 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("assignment.within_class needs a class-conditional model "
                          "(model.num_classes > 0)")
     input_pipeline.check_assignment_config(config.assignment)
+    on_host = config.assignment.where == "host"
+    input_pipeline.check_knn_memory(  # rows paired at once: the host's, or a device's
+        config.assignment, t.batch_size // (jax.process_count() if on_host else n_dev),
+        config.data.image_size ** 2 * config.data.num_channels)
 
 
 def frozen_inputs(config: ml_collections.ConfigDict, setup: "Setup"):
@@ -281,6 +288,13 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
+    newest = max(ckpt.all_steps(), default=0)
+    if newest > t.n_iters:
+        ckpt.close()
+        raise ConfigError(
+            f"the run in {run_dir} is already at step {newest}, past training.n_iters="
+            f"{t.n_iters}; nothing was changed. To train on, set training.n_iters above "
+            f"{newest}; to use its checkpoints, --mode eval or --mode sample.")
     try:  # restored onto the abstract state: no initialisation to compile and discard
         start, state = ckpt.restore_newest(setup.abstract_state(), set_aside=True)
     except BaseException:

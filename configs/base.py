@@ -130,6 +130,19 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
+def with_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the argument after the config path (`file.py:ARG`): none, or `smoke`.
+
+    Raises:
+      ValueError: any other argument (a typo must not run the full config).
+    """
+    if not arg:
+        return config
+    if arg == "smoke":
+        return shrink(config)
+    raise ValueError(f"unknown config argument {arg!r} (after ':'); the only one is 'smoke'")
+
+
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any config to a seconds-long CPU smoke run (big_vision's runlocal)."""
     config.model.nf = 16
