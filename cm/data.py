@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from cm import pixels
+
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
 
 
@@ -49,8 +51,12 @@ def load_digits_labels() -> np.ndarray:
     return _load().target.astype(np.int32)
 
 
-def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`)."""
+def load_npz_with_labels(path: str, value_range: str = "",
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`).
+
+    Images that are not uint8 need `value_range` (see `cm.pixels.to_uint8`).
+    """
     if not os.path.exists(path):
         raise DatasetError(f"data.path {path!r} does not exist")
     with _open_npz(path) as f:
@@ -68,10 +74,10 @@ def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DatasetError(f"{path}: images must be [N,H,W] or [N,H,W,C] with C in (1, 3), "
                            f"got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 255:
-            raise DatasetError(f"{path}: non-uint8 images must lie in [0, 255]")
-        images = images.astype(np.uint8)
+    try:
+        images = pixels.to_uint8(images, value_range)
+    except ValueError as e:
+        raise DatasetError(f"{path}: {e}") from e
     return images, labels
 
 
@@ -189,6 +195,7 @@ class DataConfig:
     crop: int = 0  # center crop to crop x crop before resizing (0 = none)
     stream: str = "auto"  # folder / tfds:<name>: auto | never | always decode on access
     max_memory_gb: float = 16.0  # "auto" streams datasets larger than this, decoded
+    value_range: str = ""  # npz images that are not uint8: their range (cm.pixels)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
@@ -196,7 +203,7 @@ class DataConfig:
         return cls(name=d.name, path=d.path, data_dir=d.data_dir, split=d.split,
                    image_size=d.image_size, num_channels=d.num_channels,
                    random_flip=d.random_flip, crop=d.crop, stream=d.stream,
-                   max_memory_gb=d.max_memory_gb)
+                   max_memory_gb=d.max_memory_gb, value_range=d.get("value_range", ""))
 
 
 def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +221,7 @@ def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
 LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
     "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
     "digits": load_digits_with_labels,
-    "npz": lambda c: load_npz_with_labels(c.path),
+    "npz": lambda c: load_npz_with_labels(c.path, c.value_range),
     "folder": lambda c: _load_folder(c),
 }
 

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop = 0  # center crop (pixels) before resizing to image_size; 0 = none
     data.stream = "auto"  # folder / tfds:<name>: decode on access (auto: when too large)
     data.max_memory_gb = 16.0  # auto streams datasets whose decoded images exceed this
+    data.value_range = ""  # npz images that are not uint8: '0,1' | '-1,1' | '0,255'
 
     # Network F_theta (NCSN++ as in the OpenAI CIFAR-10 consistency-model configs).
     model = config.model = ml_collections.ConfigDict()
