@@ -48,6 +48,7 @@ class StopSignals:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._multi_process = jax.process_count() > 1
+        self._unsynced = False  # several processes but no JAX preemption service
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is not threading.main_thread():
@@ -76,7 +77,14 @@ class StopSignals:
         in JAX's preemption protocol).
         """
         if self._multi_process:
-            stop = multihost_utils.reached_preemption_sync_point(step)
+            if self._unsynced:
+                return False
+            try:
+                stop = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError as e:  # jax_enable_preemption_service=False
+                logging.warning("signals will not stop this run at a step boundary: %s", e)
+                self._unsynced = True
+                return False
             if stop and self.signum is None:
                 self.signum = signal.SIGTERM
             return stop
@@ -85,7 +93,7 @@ class StopSignals:
     def stopped(self, step: int, checkpoint_dir: str) -> Preempted:
         """The exception to raise once the checkpoint of `step` is written; logs one line."""
         name = signal.Signals(self.signum).name
-        message = (f"stopped by {name} after step {step}: resume checkpoint of step {step} "
-                   f"written in {checkpoint_dir}; run the same command to continue")
+        message = (f"stopped by {name} after step {step}: checkpoint of step {step} written "
+                   f"in {checkpoint_dir}; run the same command to continue")
         logging.warning("%s", message)
         return Preempted(self.signum, step, message)
