@@ -7,7 +7,6 @@ Several hosts: start one process per host (Slurm's srun, mpirun and TPU pod slic
 detected; see the README), or pass --coordinator_address, --num_processes, --process_id.
 """
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -35,24 +34,40 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from cm import data, workdir
+EXIT_USAGE = 2  # the command, its config or its workdir is wrong; nothing was done
 
-    return (FileNotFoundError, data.DatasetError, workdir.IncompatibleWorkdirError,
-            FloatingPointError)
+
+def _user_errors() -> dict[type[Exception], int]:
+    """Expected failures (one clear line, no traceback) and their exit statuses."""
+    from cm import checkpoints, data, run_lock, train, workdir
+
+    return {train.ConfigError: EXIT_USAGE, workdir.IncompatibleWorkdirError: EXIT_USAGE,
+            workdir.WorkdirNotWritableError: EXIT_USAGE,
+            run_lock.WorkdirLockedError: EXIT_USAGE,
+            FileNotFoundError: 1, data.DatasetError: 1, FloatingPointError: 1,
+            checkpoints.CheckpointError: 1}
 
 
 def main(argv):
+    from cm import preemption
+
+    errors = _user_errors()
     try:
         dispatch(argv)
-    except _user_errors() as e:  # expected failures: one clear message, no traceback
-        logging.error("%s", e)
-        sys.exit(f"error: {e}")
+    except tuple(errors) as e:
+        if logging.get_absl_handler().python_handler.stream is not sys.stderr:
+            logging.error("%s", e)  # into the workdir's log too
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(next(code for kind, code in errors.items() if isinstance(e, kind)))
+    except preemption.Preempted as e:  # SIGTERM / SIGINT: logged with its checkpoint
+        sys.exit(e.exit_code)
 
 
 def dispatch(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
     from cm import distributed  # before anything else touches JAX's devices
 
     try:
@@ -62,8 +77,16 @@ def dispatch(argv):
             timeout_s=FLAGS.initialization_timeout))
     except (ValueError, distributed.DistributedInitError) as e:
         sys.exit(f"error: {e}")
+    jax.config.update("jax_threefry_partitionable", True)
+    from cm import compile_cache
+
+    compile_cache.enable(FLAGS.compilation_cache_dir if FLAGS.compilation_cache else None)
+    config = FLAGS.config
+    _refuse_early(FLAGS.mode, config, FLAGS.workdir)
     if distributed.is_main():  # the other processes only log warnings, to stderr
-        os.makedirs(FLAGS.workdir, exist_ok=True)
+        from cm import workdir
+
+        workdir.make_writable(FLAGS.workdir)
         logging.get_absl_handler().use_absl_log_file("log", FLAGS.workdir)
         logging.set_stderrthreshold("info")
     else:
@@ -71,19 +94,9 @@ def dispatch(argv):
     from cm import logs
 
     logs.quiet_libraries()
-
-    import jax
-
-    from cm import compile_cache
-
-    jax.config.update("jax_threefry_partitionable", True)
-    compile_cache.enable(FLAGS.compilation_cache_dir if FLAGS.compilation_cache else None)
-    config = FLAGS.config
     if FLAGS.mode == "train":
         from cm import train
 
-        if config is None:
-            raise app.UsageError("--config is required for --mode train")
         train.train(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
         from cm import sample_run
@@ -96,9 +109,23 @@ def dispatch(argv):
     elif FLAGS.mode == "fid_stats":
         from evaluation import run as eval_run
 
-        if config is None:
-            raise app.UsageError("--config is required for --mode fid_stats")
         eval_run.reference_stats(config, FLAGS.workdir)
+
+
+def _refuse_early(mode: str, config, run_dir: str) -> None:
+    """Usage errors found before anything (even the log) is written in the workdir."""
+    import jax
+
+    from cm import run_lock, train, workdir
+
+    if mode in ("train", "fid_stats") and config is None:
+        raise train.ConfigError(f"--config is required for --mode {mode}")
+    if mode == "train":
+        train.validate(config)
+        if jax.process_count() == 1:  # several processes: train() asks process 0
+            run_lock.check_free(run_dir)
+    elif mode in ("sample", "eval"):
+        workdir.require_run(run_dir)
 
 
 def _check_flags(argv: list[str]) -> list[str]:
@@ -109,10 +136,15 @@ def _check_flags(argv: list[str]) -> list[str]:
         if FLAGS.config is not None:
             _ = FLAGS.config.data  # a config file that failed to load raises on first use
     except flags.Error as e:
-        sys.exit(f"error: {e}")
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1:  # a config file's get_config raised: keep what and where
+            lines = [lines[0], lines[-1]]
+        print(f"error: {' '.join(lines)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-        sys.exit(f"error in --config or its overrides: {msg}")
+        print(f"error in --config or its overrides: {msg}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     return rest
 
 

@@ -1,8 +1,13 @@
 """Checkpoints in the workdir: kept snapshots plus one frequent resume checkpoint.
 
 Two orbax `CheckpointManager`s: `checkpoints/` keeps the last `keep` snapshots (the
-ones evaluation reads), `resume/` keeps only the latest frequent checkpoint. Restoring
-takes whichever of the two is newer, so the workdir is the resume key.
+ones evaluation reads), `resume/` keeps the latest two frequent checkpoints (the older
+one is there to fall back to when the newest already holds diverging parameters).
+Restoring takes whichever of the two is newer, so the workdir is the resume key.
+
+A checkpoint that cannot be restored (a truncated or missing file) is reported by name
+and the next newest one is restored instead; training moves the damaged ones aside, to
+`damaged/`, so that the run can write those steps again.
 
 Multi-host: every process calls `save`, `restore` and `latest_step` (orbax syncs
 them; process 0 writes the metadata, each array shard is written once), so the
@@ -11,11 +16,49 @@ GCS FUSE mount on TPU VMs).
 """
 
 import os
+import shutil
+import sys
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 PyTree = Any
+DAMAGED_DIR = "damaged"
+RESUME_KEEP = 2  # frequent checkpoints kept: the newest may already be diverging
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir could be restored; the message says why."""
+
+
+def _ignore_closed_event_loop_noise() -> None:
+    """Silences the echo of a failed restore.
+
+    Tensorstore reads still in flight when a restore fails report back later to
+    orbax's event loop, which is closed by then; each prints 'Exception ignored ...
+    RuntimeError: Event loop is closed', hundreds of lines that bury the real error (which
+    has been reported already). Only that exact error is dropped.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_event_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_event_loop = True
+    sys.unraisablehook = hook
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
 class Checkpointer:
@@ -28,10 +71,20 @@ class Checkpointer:
         self.snapshots = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"),
                                                options=opts(keep))
         self.resume = ocp.CheckpointManager(os.path.join(self.workdir, "resume"),
-                                            options=opts(1))
+                                            options=opts(RESUME_KEEP))
 
     def snapshot_steps(self) -> list[int]:
         return sorted(self.snapshots.all_steps())
+
+    def all_steps(self) -> list[int]:
+        """Every step with a checkpoint, snapshot or resume."""
+        return sorted(set(self.snapshots.all_steps()) | set(self.resume.all_steps()))
+
+    def reload(self) -> None:
+        """Lists the checkpoints again (another process, e.g. training, may have changed
+        them)."""
+        self.snapshots.reload()
+        self.resume.reload()
 
     def latest_step(self) -> int | None:
         steps = [s for s in (self.snapshots.latest_step(), self.resume.latest_step())
@@ -48,12 +101,76 @@ class Checkpointer:
             f"{self.snapshot_steps()}, resume: {sorted(self.resume.all_steps())}")
 
     def restore(self, abstract_state: PyTree, step: int | None = None) -> PyTree:
-        """Restores `step` (default: the latest) onto the shardings of `abstract_state`."""
-        step = self.latest_step() if step is None else step
+        """Restores `step` (default: the newest restorable one) onto `abstract_state`'s
+        shardings."""
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.workdir}")
+            step, state = self.restore_newest(abstract_state)
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.workdir}")
+            return state
         return self._manager_for(step).restore(step, args=ocp.args.StandardRestore(
             abstract_state))
+
+    def _newest_first(self) -> list[tuple[int, ocp.CheckpointManager]]:
+        steps = [(s, self.resume) for s in self.resume.all_steps()]
+        steps += [(s, self.snapshots) for s in self.snapshots.all_steps()]
+        return sorted(steps, key=lambda sm: (sm[0], sm[1] is self.snapshots), reverse=True)
+
+    def restore_newest(self, abstract_state: PyTree, set_aside: bool = False,
+                       ) -> tuple[int | None, PyTree | None]:
+        """The newest checkpoint that restores, snapshot or resume: (step, state).
+
+        A checkpoint that fails to restore is named in a warning with its error, and the
+        next newest is tried.
+
+        Args:
+          abstract_state: the state's shapes, dtypes and shardings.
+          set_aside: move the damaged checkpoints newer than the restored one to
+            `<workdir>/damaged/` (training does, so that it can save those steps again).
+
+        Returns:
+          (None, None) if there is no checkpoint at all.
+
+        Raises:
+          CheckpointError: there are checkpoints but none of them restores.
+        """
+        damaged = []
+        for step, manager in self._newest_first():
+            path = os.path.join(str(manager.directory), str(step))
+            try:
+                state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as e:  # noqa: BLE001 - any failure: try the next newest
+                _ignore_closed_event_loop_noise()
+                logging.warning("checkpoint %s cannot be restored (%s); trying the next "
+                                "newest", path, _first_line(e))
+                damaged.append((path, e))
+                continue
+            if damaged:
+                logging.warning("restored step %d from %s instead", step, path)
+                if set_aside:
+                    self._set_aside([p for p, _ in damaged])
+            return step, state
+        if damaged:
+            raise CheckpointError(
+                f"none of the {len(damaged)} checkpoints in {self.workdir} can be restored: "
+                + "; ".join(f"{p}: {_first_line(e)}" for p, e in damaged)
+                + ". Move them aside to start again, or use a new --workdir.")
+        return None, None
+
+    def _set_aside(self, paths: list[str]) -> None:
+        """Moves damaged step folders to `<workdir>/damaged/` (process 0; all wait)."""
+        if jax.process_index() == 0:
+            target = os.path.join(self.workdir, DAMAGED_DIR)
+            os.makedirs(target, exist_ok=True)
+            for path in paths:
+                kind, step = os.path.split(path)
+                dest = os.path.join(target, f"{os.path.basename(kind)}-{step}-"
+                                            f"{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(path, dest)
+                logging.warning("moved the damaged checkpoint %s to %s", path, dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("checkpoints_set_aside")
+        self.reload()
 
     def save(self, step: int, state: PyTree, force: bool = False) -> bool:
         """Saves on the configured triggers (or always with `force`); returns whether it did."""
@@ -66,6 +183,11 @@ class Checkpointer:
             self.resume.save(step, args=ocp.args.StandardSave(state), force=True)
             saved = True
         return saved
+
+    def save_resume(self, step: int, state: PyTree) -> None:
+        """Saves `step` as a resume checkpoint now, unless a checkpoint of it exists."""
+        if step not in self.snapshots.all_steps() and step not in self.resume.all_steps():
+            self.resume.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def wait(self) -> None:
         self.snapshots.wait_until_finished()

@@ -46,8 +46,18 @@ class MetricWriter:
             return
         with open(self.path) as f:
             rows = [line for line in f if line.strip()]
-        keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-        if len(keep) != len(rows):
+        records = [_parse(r) for r in rows]
+        torn = bool(rows) and records[-1] is None  # a crash in the middle of writing it
+        if torn:
+            logging.warning("dropping a torn last line of %s: %r", self.path, rows[-1][:200])
+            rows, records = rows[:-1], records[:-1]
+        for i, record in enumerate(records):
+            if record is None:
+                raise ValueError(f"{self.path}: line {i + 1} is not a JSON record: "
+                                 f"{rows[i][:200]!r}; fix or remove it")
+        keep = [r if r.endswith("\n") else r + "\n"
+                for r, rec in zip(rows, records, strict=True) if rec.get("step", 0) <= step]
+        if torn or keep != rows:
             with open(self.path, "w") as f:
                 f.writelines(keep)
 
@@ -66,6 +76,14 @@ class MetricWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def format_duration(seconds: float) -> str:

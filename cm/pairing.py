@@ -57,6 +57,23 @@ def host_options(a: ml_collections.ConfigDict, seed: int, num_shards: int,
         group_key="label" if a.within_class and method != "none" else None)
 
 
+MAX_KNN_CANDIDATES_GB = 4.0  # host (or device) memory knn's candidates may take
+
+
+def check_knn_memory(a: ml_collections.ConfigDict, rows: int, row_size: int) -> None:
+    """Refuses a knn `k` whose candidates would not fit: `rows` images of `row_size` values
+    each get k noise candidates, float32, drawn then gathered (two copies)."""
+    if a.method != "knn":
+        return
+    per_k = rows * row_size * 4 * 2
+    need_gb, max_k = a.k * per_k / 2**30, int(MAX_KNN_CANDIDATES_GB * 2**30 // per_k)
+    if need_gb > MAX_KNN_CANDIDATES_GB:
+        raise ValueError(
+            f"assignment.k={a.k} needs {need_gb:.1f} GiB for knn's noise candidates ({rows} "
+            f"images x {row_size} values x k, float32, twice); the limit is "
+            f"{MAX_KNN_CANDIDATES_GB:g} GiB: use k <= {max_k}")
+
+
 class Pairing:
     """The `assignment` section, read once: the host stage and the in-step function."""
 

@@ -27,6 +27,8 @@ from cm import (
     logs,
     nets,
     pairing,
+    preemption,
+    run_lock,
     sampling,
     train_step,
     workdir,
@@ -34,8 +36,25 @@ from cm import (
 from cm.setup import Setup, check_labels, frozen_inputs
 
 
+class ConfigError(ValueError):
+    """The config cannot run; the message names the field and what it must be."""
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Config errors that would otherwise surface deep inside a run."""
+    """Config errors that would otherwise surface deep inside a run.
+
+    Raises:
+      ConfigError: the first problem found.
+    """
+    try:
+        _validate(config)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the checks of the config sections raise plain ValueErrors
+        raise ConfigError(str(e)) from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     t = config.training
     n_dev = jax.device_count()
     if t.batch_size <= 0 or t.batch_size % n_dev:
@@ -55,6 +74,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"training.steps_per_call={k}: logs, samples and checkpoints happen "
                          f"between calls, so training.{uneven[0]}={t[uneven[0]]} must be a "
                          f"multiple of {k}")
+    if t.keep_snapshots < 1:
+        raise ValueError(f"training.keep_snapshots must be >= 1 (the newest snapshot is "
+                         f"always kept), got {t.keep_snapshots}")
     guards = ("allow", "log", "disallow", "log_explicit", "disallow_explicit")
     if t.transfer_guard not in guards:
         raise ValueError(f"training.transfer_guard must be one of {guards}, got "
@@ -80,6 +102,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("assignment.within_class needs a class-conditional model "
                          "(model.num_classes > 0)")
     pairing.check_config(config.assignment)
+    on_host = config.assignment.where == "host"
+    pairing.check_knn_memory(  # rows paired at once: the host's, or a device's
+        config.assignment, t.batch_size // (jax.process_count() if on_host else n_dev),
+        config.data.image_size ** 2 * config.data.num_channels)
 
 
 def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
@@ -105,6 +131,28 @@ def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
     return path
 
 
+def diverged_message(step: int, loss: float, ckpt: checkpoints.Checkpointer) -> str:
+    """What a run that hit a non-finite loss says: which checkpoints exist, how to go on."""
+    settings = ("run the command again with different settings, e.g. a smaller "
+                "--config.optim.lr, a longer --config.optim.warmup or another "
+                "--config.training.seed (the changed fields are logged)")
+    resume, snaps = sorted(ckpt.resume.all_steps()), ckpt.snapshot_steps()
+    steps = sorted(set(resume) | set(snaps))
+    if not steps:
+        return (f"loss is {loss} at step {step}; stopping. No checkpoint was written before "
+                f"it in {ckpt.workdir}: {settings}; it starts from scratch.")
+    newest = steps[-1]
+    text = (f"loss is {loss} at step {step}; stopping. Checkpoints in {ckpt.workdir}: resume "
+            f"steps {resume}, snapshots {snaps}. To go on, {settings}; it resumes from step "
+            f"{newest}.")
+    if len(steps) > 1:
+        kind = "resume" if newest in resume else "checkpoints"
+        text += (f" Step {newest} may already hold diverging parameters: to resume from step "
+                 f"{steps[-2]} instead, first move {os.path.join(ckpt.workdir, kind, str(newest))}"
+                 " out of the workdir.")
+    return text
+
+
 def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None = None,
           ) -> dict:
     """Trains (or resumes) the run in `run_dir`; returns the last logged metrics.
@@ -114,8 +162,16 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
       run_dir: the workdir; a checkpoint there means continue.
       stop_after: stop (with a checkpoint) after this step, as a preemption would;
         resuming later continues exactly as the uninterrupted run.
+
+    Raises:
+      run_lock.WorkdirLockedError: another trainer holds `run_dir`.
     """
     validate(config)
+    with run_lock.hold(run_dir, distributed.is_main()):  # one trainer per workdir
+        return _train(config, run_dir, stop_after)
+
+
+def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None) -> dict:
     clock, t_start = compile_cache.CompileClock(), time.perf_counter()
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
@@ -128,9 +184,19 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
-    start = ckpt.latest_step() or 0
-    if start:  # restored onto the abstract state: no initialisation to compile and discard
-        state = ckpt.restore(setup.abstract_state())
+    newest = max(ckpt.all_steps(), default=0)
+    if newest > t.n_iters:
+        ckpt.close()
+        raise ConfigError(
+            f"the run in {run_dir} is already at step {newest}, past training.n_iters="
+            f"{t.n_iters}; nothing was changed. To train on, set training.n_iters above "
+            f"{newest}; to use its checkpoints, --mode eval or --mode sample.")
+    try:  # restored onto the abstract state: no initialisation to compile and discard
+        start, state = ckpt.restore_newest(setup.abstract_state(), set_aside=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    if start:
         logging.info("resumed from step %d in %s", start, run_dir)
         if init_from.source(config) is not None:
             logging.info("training.init_from / the CD teacher are ignored: this workdir "
@@ -167,7 +233,6 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
     last = {}
     pending: list[tuple[int, jax.Array]] = []
     window_losses: list[jax.Array] = []
-    last_good = start
 
     def check_losses():
         nonlocal pending
@@ -176,10 +241,9 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
             v = np.atleast_1d(v)  # one call's losses: steps s - len(v) + 1 .. s
             bad = np.flatnonzero(~np.isfinite(v))
             if bad.size:
+                ckpt.wait()  # list only checkpoints that are complete
                 raise FloatingPointError(
-                    f"loss is {float(v[bad[0]])} at step {s - len(v) + 1 + bad[0]}; "
-                    f"stopping. The last good checkpoint (step {last_good}) is kept in "
-                    f"{run_dir}.")
+                    diverged_message(s - len(v) + 1 + int(bad[0]), float(v[bad[0]]), ckpt))
         pending = []
         return values
 
@@ -188,7 +252,7 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
         # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
         # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
         with pair.inputs(batcher, start, place, k) as inputs, \
-                jax.transfer_guard(t.transfer_guard):
+                jax.transfer_guard(t.transfer_guard), preemption.StopSignals() as stop:
             meter = logs.Meter(start, t.n_iters, t.batch_size)
             step = start
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
@@ -240,8 +304,12 @@ def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | Non
                     t.resume_every and step % t.resume_every == 0)
                 if due or final:
                     check_losses()  # never checkpoint a state that saw a NaN
-                    if ckpt.save(step, state, force=final):
-                        last_good = step
+                    ckpt.save(step, state, force=final)
+                if stop.should_stop(step):  # SIGTERM / SIGINT: checkpoint this step and exit
+                    check_losses()
+                    ckpt.save_resume(step, state)
+                    ckpt.wait()
+                    raise stop.stopped(step, ckpt.workdir)
                 if (t.sample_every and step % t.sample_every == 0) or final:
                     ema = state.ema_params[config.sample.ema_index]
                     path = _write_grid(setup, ema, step, run_dir)  # all processes

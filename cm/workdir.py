@@ -24,6 +24,31 @@ class IncompatibleWorkdirError(ValueError):
     pass
 
 
+class WorkdirNotWritableError(OSError):
+    """The workdir cannot be created or written to; the message says why."""
+
+
+def make_writable(workdir: str) -> None:
+    """Creates `workdir` if needed and checks that files can be written there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise WorkdirNotWritableError(f"cannot write to --workdir {workdir!r}: {why}"
+                                      + (f" ({e.filename})" if e.filename else "")) from e
+
+
+def require_run(workdir: str) -> None:
+    """Raises FileNotFoundError unless `workdir` holds a training run (its config.json)."""
+    if not os.path.exists(config_path(workdir)):
+        raise FileNotFoundError(f"no checkpoint in {workdir!r}: it holds no training run (no "
+                                "config.json); check --workdir, or train first")
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.crop = 0  # center crop (pixels) before resizing to image_size; 0 = none
     data.stream = "auto"  # folder / tfds:<name>: decode on access (auto: when too large)
     data.max_memory_gb = 16.0  # auto streams datasets whose decoded images exceed this
+    data.value_range = ""  # npz images that are not uint8: '0,1' | '-1,1' | '0,255'
 
     # Network F_theta (NCSN++ as in the OpenAI CIFAR-10 consistency-model configs).
     model = config.model = ml_collections.ConfigDict()
@@ -103,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every = 10_000
     training.snapshot_every = 50_000  # kept checkpoints
     training.keep_snapshots = 3
-    training.resume_every = 1_000  # frequent checkpoint, only the latest is kept
+    training.resume_every = 1_000  # frequent checkpoints, the latest two are kept
     training.n_grid = 64  # images in the sample grid PNG
     training.steps_per_call = 1  # k > 1: k steps per jitted call (lax.scan), for small models
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
@@ -132,6 +133,19 @@ def get_config() -> ml_collections.ConfigDict:
     ev.features = "auto"  # inception | pixels | auto (pixels for digits and 1-channel data)
 
     return config
+
+
+def with_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the argument after the config path (`file.py:ARG`): none, or `smoke`.
+
+    Raises:
+      ValueError: any other argument (a typo must not run the full config).
+    """
+    if not arg:
+        return config
+    if arg == "smoke":
+        return shrink(config)
+    raise ValueError(f"unknown config argument {arg!r} (after ':'); the only one is 'smoke'")
 
 
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -33,4 +33,4 @@ def get_config(arg: str | None = None):
     config.training.batch_size = 1024
     config.training.n_iters = 600_000
     config.training.ema_rates = (0.9999,)
-    return base.shrink(config) if arg == "smoke" else config
+    return base.with_arg(config, arg)

@@ -36,4 +36,4 @@ def get_config(arg: str | None = None):
     config.training.n_iters = 800_000
     config.training.ema_rates = (0.9999,)
     config.sample.ts = (80.0,)
-    return base.shrink(config) if arg == "smoke" else config
+    return base.with_arg(config, arg)

@@ -35,4 +35,4 @@ def get_config(arg: str | None = None):
     config.sample.solver = "heun"
     config.sample.steps = 18
     config.eval.samplers = ("heun18",)  # --mode eval: also e.g. euler50 (DDIM-like)
-    return base.shrink(config) if arg == "smoke" else config
+    return base.with_arg(config, arg)

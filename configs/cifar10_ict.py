@@ -33,4 +33,4 @@ def get_config(arg: str | None = None):
     config.training.ema_rates = (0.99993,)
     config.sample.ts = (80.0,)
     config.eval.two_step_t = 0.821
-    return base.shrink(config) if arg == "smoke" else config
+    return base.with_arg(config, arg)

@@ -39,4 +39,4 @@ def get_config(arg: str | None = None):
     config.sample.ts = (80.0,)
     config.eval.n_samples = 1797
     config.eval.batch_size = 256
-    return base.shrink(config) if arg == "smoke" else config
+    return base.with_arg(config, arg)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from cm import data
+from cm import data, image_folder
 from evaluation import fid, inception, weights
 
 ImageShape = tuple[int, int, int]  # (H, W, C)
@@ -98,15 +98,26 @@ def make_features(kind: str, data_cfg: data.DataConfig, options: Options) -> Fea
 
 
 def _dataset_tag(data_cfg: data.DataConfig) -> str:
-    if data_cfg.name != "npz":
-        return data_cfg.name
-    # A user's file: its name and a digest of its bytes, so a changed file is not reused.
+    crop = f"-crop{data_cfg.crop}" if data_cfg.crop else ""
     h = hashlib.sha256()
-    with open(data_cfg.path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    stem = os.path.splitext(os.path.basename(data_cfg.path))[0]
-    return f"npz-{stem}-{h.hexdigest()[:8]}"
+    if data_cfg.name == "npz":
+        # A user's file: its name and a digest of its bytes, so a changed file is not reused.
+        with open(data_cfg.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(data_cfg.value_range.encode())
+    elif data_cfg.name == "folder":
+        # Another folder of the same size is another dataset: a digest of its file list,
+        # sizes and modification times (a stat per file, no reading).
+        root = os.path.abspath(data_cfg.path)
+        for path, _ in image_folder.list_images(root):
+            st = os.stat(path)
+            h.update(f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode())
+    else:
+        return data_cfg.name + crop
+    stem = os.path.splitext(os.path.basename(os.path.normpath(data_cfg.path)))[0]
+    return f"{data_cfg.name}-{stem}-{h.hexdigest()[:8]}{crop}"
 
 
 def reference_path(data_cfg: data.DataConfig, kind: str, stats_path: str = "",

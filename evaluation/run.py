@@ -325,7 +325,10 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
             todo = [s for s in ev.samplers if keys[s] not in done]
             params = None
             if todo:
-                state = ckpt.restore(setup.abstract_state(), step)
+                state = _restore_planned(ckpt, setup.abstract_state(), step)
+                if state is None:  # deleted by a run still training: skipped
+                    rows.extend(done[keys[s]] for s in ev.samplers if keys[s] in done)
+                    continue
                 params = state.ema_params[saved.sample.ema_index]
             for s in ev.samplers:
                 if s not in todo:
@@ -352,6 +355,28 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
         return rows
     finally:
         ckpt.close()
+
+
+def _restore_planned(ckpt: checkpoints.Checkpointer, abstract_state, step: int):
+    """The checkpoint of a planned `step`, or None with a warning if it is gone.
+
+    A run still training in the same workdir deletes its oldest snapshots as it saves
+    new ones (`training.keep_snapshots`), possibly after the evaluation planned them.
+    """
+    gone = ("the checkpoint of step %d is gone (deleted since the evaluation planned it, "
+            "e.g. by the snapshot rotation of a run still training); skipping it")
+    ckpt.reload()
+    if step not in ckpt.all_steps():
+        logging.warning(gone, step)
+        return None
+    try:
+        return ckpt.restore(abstract_state, step)
+    except Exception:
+        ckpt.reload()
+        if step in ckpt.all_steps():
+            raise  # still there: a real failure
+        logging.warning(gone, step)
+        return None
 
 
 def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.Array,

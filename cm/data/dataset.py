@@ -35,6 +35,7 @@ class DataConfig:
     crop: int = 0  # center crop to crop x crop before resizing (0 = none)
     stream: str = "auto"  # folder / tfds:<name>: auto | never | always decode on access
     max_memory_gb: float = 16.0  # "auto" streams datasets larger than this, decoded
+    value_range: str = ""  # npz images that are not uint8: their range (cm.data.pixels)
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
@@ -54,7 +55,7 @@ def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
 LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
     "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
     "digits": load_digits_with_labels,
-    "npz": lambda c: load_npz_with_labels(c.path),
+    "npz": lambda c: load_npz_with_labels(c.path, c.value_range),
     "folder": lambda c: _load_folder(c),
 }
 

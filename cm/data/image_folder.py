@@ -12,7 +12,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, UnidentifiedImageError
 
-from cm.data import streaming
+from cm.data import pixels, streaming
 from cm.data.sources import DatasetError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -77,7 +77,8 @@ def load_folder(root: str, image_size: int, num_channels: int = 3, stream: str =
     for path, cls in files:
         try:
             with Image.open(path) as im:
-                arr = np.asarray(center_crop_resize(im.convert(mode), image_size), np.uint8)
+                arr = np.asarray(center_crop_resize(pixels.convert(im, mode), image_size),
+                                 np.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as e:
             skipped.append(path)
             logging.warning("skipping unreadable image %s: %s", path, e)

@@ -6,10 +6,13 @@ plus the crop / resize every source shares.
 """
 
 import os
+import zipfile
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
+
+from cm.data import pixels
 
 CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
 
@@ -45,11 +48,15 @@ def load_digits_labels() -> np.ndarray:
     return _load().target.astype(np.int32)
 
 
-def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`)."""
+def load_npz_with_labels(path: str, value_range: str = "",
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images (array `images` or `x`) and, if present, int labels (`labels` or `y`).
+
+    Images that are not uint8 need `value_range` (see `cm.data.pixels.to_uint8`).
+    """
     if not os.path.exists(path):
         raise DatasetError(f"data.path {path!r} does not exist")
-    with np.load(path) as f:
+    with _open_npz(path) as f:
         keys = [k for k in ("images", "x") if k in f]
         if not keys:
             raise DatasetError(f"{path}: expected an array named 'images' or 'x', found "
@@ -64,11 +71,27 @@ def load_npz_with_labels(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DatasetError(f"{path}: images must be [N,H,W] or [N,H,W,C] with C in (1, 3), "
                            f"got shape {images.shape}")
-    if images.dtype != np.uint8:
-        if images.min() < 0 or images.max() > 255:
-            raise DatasetError(f"{path}: non-uint8 images must lie in [0, 255]")
-        images = images.astype(np.uint8)
+    try:
+        images = pixels.to_uint8(images, value_range)
+    except ValueError as e:
+        raise DatasetError(f"{path}: {e}") from e
     return images, labels
+
+
+def _open_npz(path: str):
+    """`np.load` of an .npz archive, or a DatasetError saying what the file is instead."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        raise DatasetError(f"data.path {path!r} is a single .npy array, not an .npz archive: "
+                           "save it with np.savez(path, images=images)")
+    if not head.startswith(b"PK"):
+        raise DatasetError(f"data.path {path!r} is not an .npz archive (a zip of arrays, as "
+                           "np.savez writes); it starts with " + repr(head))
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"data.path {path!r} is not a readable .npz archive: {e}") from e
 
 
 def _cifar_help(data_dir: str) -> str:

@@ -12,6 +12,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from cm.data import pixels
+
 # read(indices [k]) -> uint8 [k, S, S, C]
 ReadFn = Callable[[np.ndarray], np.ndarray]
 
@@ -65,7 +67,7 @@ def folder_images(files: list[str], image_size: int, num_channels: int,
     def decode(path: str) -> np.ndarray | None:
         try:
             with Image.open(path) as im:
-                arr = np.asarray(prepare(im.convert(mode)), np.uint8)
+                arr = np.asarray(prepare(pixels.convert(im, mode)), np.uint8)
         except (OSError, ValueError) as e:
             logging.warning("skipping unreadable image %s: %s", path, e)
             return None
