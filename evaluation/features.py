@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from cm import data, image_folder
+from cm import data
+from cm.data import image_folder
 from evaluation import fid, inception, weights
 
 ImageShape = tuple[int, int, int]  # (H, W, C)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm import data, image_folder, pixels
+from cm import data
+from cm.data import image_folder, pixels
 from evaluation import features
 from evaluation import run as eval_run
 from tests.helpers import tiny_config

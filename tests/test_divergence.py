@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cm import checkpoints, train
+from cm.setup import Setup
 from tests.helpers import tiny_config
 
 BASE = {"training.n_iters": 8, "training.snapshot_every": 0, "training.resume_every": 1,
@@ -38,13 +39,13 @@ def test_divergence_keeps_an_older_checkpoint_to_fall_back_to(tmp_path):
     bad = os.path.join(run_dir, "resume", "4")
     assert f"to resume from step 3 instead, first move {bad} out" in message
     ckpt = checkpoints.Checkpointer(run_dir)
-    params = ckpt.restore(train.Setup(tiny_config(**BASE)).abstract_state(), 4).params
+    params = ckpt.restore(Setup(tiny_config(**BASE)).abstract_state(), 4).params
     ckpt.close()
     assert max(float(np.max(np.abs(x))) for x in jax.tree.leaves(params)) > 1e4
     # Doing what it says, the next run starts from step 3's finite parameters.
     shutil.move(bad, str(tmp_path.parent / "diverged_step_4"))
     ckpt = checkpoints.Checkpointer(run_dir)
-    step, state = ckpt.restore_newest(train.Setup(tiny_config(**BASE)).abstract_state())
+    step, state = ckpt.restore_newest(Setup(tiny_config(**BASE)).abstract_state())
     ckpt.close()
     assert step == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 

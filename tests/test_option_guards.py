@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cm import checkpoints, pairing, train, workdir
+from cm.setup import Setup
 from configs import base, quickstart
 from tests.helpers import tiny_config
 
@@ -55,7 +56,7 @@ def test_n_iters_below_the_runs_step_changes_nothing(tmp_path):
     config = tiny_config(**{"training.n_iters": 6})
     workdir.write_config(run_dir, config)
     ckpt = checkpoints.Checkpointer(run_dir)
-    ckpt.save(3, train.Setup(config).init_state(), force=True)  # a run at step 3
+    ckpt.save(3, Setup(config).init_state(), force=True)  # a run at step 3
     ckpt.wait()
     ckpt.close()
     before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cm import checkpoints, train
+from cm.setup import Setup
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ CONFIG_FILE = textwrap.dedent("""
 
 def final_params(run_dir, config):
     ckpt = checkpoints.Checkpointer(run_dir)
-    state = ckpt.restore(train.Setup(config).abstract_state())
+    state = ckpt.restore(Setup(config).abstract_state())
     ckpt.close()
     return jax.device_get(state.params)
 
