@@ -6,7 +6,17 @@
 #          in one run; at batch 256 as well if 512 does not fit the device);
 #   fid    the FID feature-extraction rate;
 #   edm    EDM and CD training steps at batch 512 in bfloat16;
-#   huber  the CT step with pseudo-Huber instead of LPIPS (what LPIPS costs).
+#   huber  the CT step with pseudo-Huber instead of LPIPS (what LPIPS costs);
+# issue 19 (one call of at most 9 minutes: SECTIONS="assign profile small restart"):
+#   assign  training throughput at batch 512 in bfloat16 with none, linear and knn
+#           through the real input path, interleaved windows (goal: linear >= 0.98x,
+#           knn >= 0.99x vanilla);
+#   profile a jax.profiler trace of the CT step (bfloat16, batch 512): the top
+#           operations by device time and the step's FLOPs / fraction of peak;
+#   small   the quickstart (and any SMALL_CONFIGS) with 1 and 8 steps per call: host
+#           time per step, images/s, and the share of wall time the device is busy;
+#   restart a second launch of the quickstart with a warm compilation cache against
+#           the first (bench/restart.py).
 # On an H200 (2026-11-26) the first compile of the CT step took 2-2.5 min; `ct` alone
 # needs about 9 minutes, so with a 15-minute device budget run `SECTIONS="ct fid"` in one
 # call and the rest in a later session. A persistent compilation cache lets the
@@ -71,6 +81,33 @@ if wanted fid; then
 fi
 if wanted edm; then
   for cfg in cifar10_edm cifar10_cd; do step "$cfg" "$cfg" bfloat16; done
+fi
+if wanted assign; then
+  section "training throughput, none vs linear vs knn: cifar10_ct, batch $BATCH, bfloat16"
+  run "assign" -m bench.train_throughput --configs cifar10_ct --cifar-batch "$BATCH" \
+      "${TT[@]}" --dtype bfloat16 --methods none,linear,knn --steps "$STEPS" \
+      --windows "$((WINDOWS + 1))"
+fi
+if wanted profile; then
+  section "profile: cifar10_ct step, batch $BATCH, bfloat16"
+  run "profile" -m bench.profile --config "configs/cifar10_ct.py$SUFFIX" \
+      --config.training.batch_size="$BATCH" --config.model.dtype=bfloat16 \
+      --trace_steps "$STEPS" --top 25
+fi
+if wanted small; then
+  for cfg in quickstart ${SMALL_CONFIGS:-}; do
+    section "small model: $cfg, 1 and 8 steps per call"
+    run "small $cfg" -m bench.train_step --config "configs/$cfg.py$SUFFIX" \
+        --steps_per_call=1,8 --steps "$((4 * STEPS))" --windows "$WINDOWS" --nobreakdown
+    run "small profile $cfg" -m bench.profile --config "configs/$cfg.py$SUFFIX" \
+        --trace_steps "$((4 * STEPS))" --calls_per_step 1 --top 5
+    run "small profile $cfg k=8" -m bench.profile --config "configs/$cfg.py$SUFFIX" \
+        --trace_steps "$STEPS" --calls_per_step 8 --top 5
+  done
+fi
+if wanted restart; then
+  section "restart: quickstart, empty vs warm compilation cache"
+  run "restart" -m bench.restart --config "configs/quickstart.py$SUFFIX" --steps 8
 fi
 if wanted huber; then
   step "cifar10_ct with pseudo_huber" cifar10_ct bfloat16 --config.cm.metric=pseudo_huber

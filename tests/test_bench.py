@@ -101,6 +101,6 @@ def test_gpu_report_command_lines_run(tmp_path):
     assert proc.returncode == 0, out + proc.stderr
     assert "failed:" not in out and "== done" in out
     assert "step memory:" in out and "GFLOP/step" in out and "optimiser + EMA update" in out
-    assert "host time per step call" in out
+    assert "host time per step:" in out
     assert re.search(r"cifar10_ct\s+linear\s+[\d.]+\s+[\d.]+", out), out
     assert "flax pool_features" in out
