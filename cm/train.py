@@ -202,7 +202,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
             logging.info("training.init_from / the CD teacher are ignored: this workdir "
                          "resumes from its own checkpoint")
     else:
-        state = init_from.initial_state(config, setup) or setup.init_state()
+        start, state = 0, init_from.initial_state(config, setup) or setup.init_state()
     n_params = nets.count_params(state.params)
     logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
                  n_params / 1e6)
