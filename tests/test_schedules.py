@@ -97,7 +97,11 @@ def test_no_gradient_reaches_target(loss):
     gradient through both passes).
     """
     cfg = consistency.CMConfig(loss=loss, total_steps=100, start_scales=10, end_scales=40)
-    apply_fn = lambda p, x, t, labels, train, key: p["w"] * x + p["b"]
+
+    def apply_fn(p, x, t, labels, train, key):
+        assert train, "both passes run in training mode (dropout on, the same key)"
+        return p["w"] * x + p["b"]
+
     params = {"w": jnp.float32(0.3), "b": jnp.float32(0.1)}
     target = {"w": jnp.float32(-0.2), "b": jnp.float32(0.5)}
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 1))
@@ -118,7 +122,8 @@ def test_no_gradient_reaches_target(loss):
     b = lambda t: t[:, None, None, None]
 
     def by_hand(p_online, p_teacher):
-        f = lambda p, t: consistency.consistency_fn(apply_fn, p, x + b(t) * z, t, cfg)
+        f = lambda p, t: consistency.consistency_fn(apply_fn, p, x + b(t) * z, t, cfg,
+                                                    train=True)
         d = consistency.distance(f(p_online, t_hi), f(p_teacher, t_lo), cfg.metric, -1.0)
         return jnp.mean(weight * d)
 
