@@ -176,6 +176,12 @@ def test_batches_do_not_depend_on_the_process_count(global_batch):
         parts = [data.Batcher(images, global_batch, 3, p, count).batch(7) for p in range(count)]
         for key in ("x", "z"):
             np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), whole[key])
+    # The flips compared above happen: some rows, not all, are mirrored left-right.
+    plain = data.Batcher(images, global_batch, seed=3, random_flip=False).batch(7)["x"]
+    flip = data.Batcher(images, global_batch, seed=3).flips(7)
+    assert 0 < flip.sum() < global_batch, flip
+    np.testing.assert_array_equal(whole["x"][flip], plain[flip][:, :, ::-1])  # [B, H, W, C]
+    np.testing.assert_array_equal(whole["x"][~flip], plain[~flip])
     z = whole["z"]
     assert z.dtype == np.float32 and abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
     assert not np.array_equal(z, data.Batcher(images, global_batch, seed=3).batch(8)["z"])
