@@ -35,6 +35,24 @@ def test_ict_curriculum(k):
     assert int(schedules.ict_num_scales(k, K, s0, s1)) == want
 
 
+@pytest.mark.parametrize("loss", ["ct", "ict", "edm", "cd"])
+def test_each_loss_gets_its_curriculum_and_target_decay(loss):
+    """N(k) and the target EMA mu(k) that the train step reads from CMConfig, at a step
+    where CT's mu(k) has moved away from mu0, against the closed forms."""
+    cfg = consistency.CMConfig(loss=loss, total_steps=1000, start_scales=10, end_scales=150,
+                               start_ema=0.95)
+    k, ct_k = 600, ct_n(600, 1000, 10, 150)
+    k_prime = math.floor(1000 / (math.log2(math.floor(150 / 10)) + 1))
+    want = {
+        "ct": (ct_k, math.exp(10 * math.log(0.95) / ct_k)),
+        "ict": (min(10 * 2 ** (k // k_prime), 150) + 1, 0.0),  # target = online
+        "edm": (0, 0.0),
+        "cd": (150, 0.95),  # fixed N = s1 and mu = mu0
+    }[loss]
+    got = (int(cfg.num_scales(jnp.int32(k))), float(cfg.target_decay(jnp.int32(k))))
+    assert got[0] == want[0] and got[1] == pytest.approx(want[1], rel=1e-6), (got, want)
+
+
 def test_karras_sigmas_ascending_with_end_points():
     s = np.asarray(schedules.karras_sigmas(18, 0.002, 80.0, 7.0))
     assert np.all(np.diff(s) > 0)
