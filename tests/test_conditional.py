@@ -1,5 +1,6 @@
 """Labels through batching, assignment and training; the image-folder loader."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -152,9 +153,17 @@ def test_celeba_shaped_mock_data_is_cropped_and_resized():
     from configs import celeba64_ct
 
     config = celeba64_ct.get_config()
+    cfg = data.DataConfig.from_config(config)
     with tfds.testing.mock_data(num_examples=5):
-        images, labels = data.load_dataset(data.DataConfig.from_config(config))
+        images, labels = data.load_dataset(cfg)
+        crop_only, _ = data.load_dataset(dataclasses.replace(cfg, image_size=140))
+        source = tfds.data_source("celeb_a", split="train")
+        raw = np.stack([source[i]["image"] for i in range(5)])  # [5, 218, 178, 3]
     assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8
+    # The central 140 x 140 window (rows 39..178, columns 19..158), then resized.
+    np.testing.assert_array_equal(crop_only, raw[:, 39:179, 19:159])
+    resized = [np.asarray(Image.fromarray(c).resize((64, 64), Image.BILINEAR)) for c in crop_only]
+    np.testing.assert_array_equal(images, np.stack(resized))
     assert labels is None  # celeb_a has attributes, not class labels
     with pytest.raises(data.DatasetError, match="larger than the images"):
         data.center_crop(images, 65)
