@@ -1,5 +1,6 @@
 """Labels through batching, assignment and training; the image-folder loader."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -42,13 +43,24 @@ def test_assignment_never_separates_image_and_label(method, scope):
 def test_class_conditional_training_and_class_grid(tmp_path):
     config = tiny_config(**{"model.num_classes": 10, "training.n_iters": 2,
                             "training.snapshot_every": 2, "training.n_grid": 10})
+    # A full-scale output layer: the default (init_scale 0, ~1e-10) gives samples that
+    # two steps leave label-blind, where a sampler ignoring the label would pass.
+    config.model.init_scale = 1.0
     train.train(config, str(tmp_path))
     assert os.path.exists(tmp_path / "samples" / "step_00000002.png")
     config = workdir.load_config(str(tmp_path))
-    config.sample.n, config.sample.label = 8, 3
-    path = sample_run.sample_from_workdir(str(tmp_path), config)
-    with np.load(path) as f:
-        assert f["images"].shape == (8, 8, 8, 1)
+
+    def samples(label):
+        config.sample.n, config.sample.label = 8, label
+        with np.load(sample_run.sample_from_workdir(str(tmp_path), config)) as f:
+            return f["images"].astype(np.int32)
+
+    three, grid = samples(3), samples(-1)  # the same noise: only the labels differ
+    assert three.shape == (8, 8, 8, 1)
+    # The class grid gives image i class i; class 3 everywhere agrees with it at i = 3 only.
+    assert np.abs(three[3] - grid[3]).max() <= 1
+    for i in (0, 5, 7):
+        assert np.abs(three[i] - grid[i]).mean() > 2, i  # in uint8 levels
     config.sample.label = 10
     with pytest.raises(ValueError, match="10 classes"):
         sample_run.sample_from_workdir(str(tmp_path), config)
@@ -141,9 +153,17 @@ def test_celeba_shaped_mock_data_is_cropped_and_resized():
     from configs import celeba64_ct
 
     config = celeba64_ct.get_config()
+    cfg = data.DataConfig.from_config(config)
     with tfds.testing.mock_data(num_examples=5):
-        images, labels = data.load_dataset(data.DataConfig.from_config(config))
+        images, labels = data.load_dataset(cfg)
+        crop_only, _ = data.load_dataset(dataclasses.replace(cfg, image_size=140))
+        source = tfds.data_source("celeb_a", split="train")
+        raw = np.stack([source[i]["image"] for i in range(5)])  # [5, 218, 178, 3]
     assert images.shape == (5, 64, 64, 3) and images.dtype == np.uint8
+    # The central 140 x 140 window (rows 39..178, columns 19..158), then resized.
+    np.testing.assert_array_equal(crop_only, raw[:, 39:179, 19:159])
+    resized = [np.asarray(Image.fromarray(c).resize((64, 64), Image.BILINEAR)) for c in crop_only]
+    np.testing.assert_array_equal(images, np.stack(resized))
     assert labels is None  # celeb_a has attributes, not class labels
     with pytest.raises(data.DatasetError, match="larger than the images"):
         data.center_crop(images, 65)

@@ -25,8 +25,16 @@ def test_preconditioning_by_hand():
 
 
 def test_loss_by_hand():
-    """With F = 0 the denoiser is c_skip (x + sigma z): the loss has a closed form."""
-    apply_fn = lambda p, x, t, labels, train, key: jnp.zeros_like(x)  # noqa: E731
+    """With F(x_in, c_noise) = 0.5 x_in + c_noise the loss has a closed form.
+
+    F is not zero, so c_in, c_out and c_noise all reach the loss; F checks that the loss
+    runs the network in training mode (dropout on).
+    """
+
+    def apply_fn(p, x_in, t_cond, labels, train, key):
+        assert train, "the EDM loss must run the network in training mode"
+        return 0.5 * x_in + t_cond[:, None, None, None]
+
     x = jax.random.uniform(jax.random.PRNGKey(0), (5, 4, 4, 1), minval=-1, maxval=1)
     z = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 4, 1))
     keys = jax.random.split(jax.random.PRNGKey(2), 5)
@@ -35,8 +43,12 @@ def test_loss_by_hand():
     want = 0.0
     for i, k in enumerate(keys):
         sigma = math.exp(-1.2 + 1.2 * float(jax.random.normal(k, ())))
+        noisy = x[i] + sigma * z[i]
         c_skip = 0.25 / (sigma**2 + 0.25)
-        err = np.mean((c_skip * (x[i] + sigma * z[i]) - x[i]) ** 2)
+        c_out = sigma * 0.5 / math.sqrt(sigma**2 + 0.25)
+        c_in = 1 / math.sqrt(sigma**2 + 0.25)
+        denoised = c_skip * noisy + c_out * (0.5 * c_in * noisy + 0.25 * math.log(sigma))
+        err = np.mean((denoised - x[i]) ** 2)
         want += (sigma**2 + 0.25) / (sigma * 0.5) ** 2 * err / 5
     assert float(loss) == pytest.approx(want, rel=1e-4)
 

@@ -8,10 +8,12 @@ resumed, which must write exactly the rows of an uninterrupted one.
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from cm import data, train, workdir
+from cm import checkpoints, data, train, workdir
+from cm.setup import Setup
 from evaluation import features, fid
 from evaluation import run as eval_run
 from tests.helpers import tiny_config
@@ -22,7 +24,9 @@ N_SAMPLES, BATCH = 40, 16  # 3 rounds per (step, sampler), the last one cut to 8
 def eval_config(cache_dir, **overrides):
     overrides = {"eval.n_samples": N_SAMPLES, "eval.batch_size": BATCH,
                  "eval.cache_dir": str(cache_dir), **overrides}
-    return tiny_config(**{"training.n_iters": 2, "training.snapshot_every": 1, **overrides})
+    # warmup 0: step 1 moves the parameters, so the two checkpoints differ.
+    return tiny_config(**{"training.n_iters": 2, "training.snapshot_every": 1,
+                          "optim.warmup": 0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +42,17 @@ def trained(tmp_path_factory):
 def uninterrupted(trained, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("full") / "run")
     shutil.copytree(trained, run_dir)
-    rows = eval_run.evaluate(run_dir)
-    return run_dir, rows
+    evaluated = []  # the parameters each row is computed from, in the rows' order
+    real = eval_run._evaluate_one
+
+    def spy(progress, sampler, params, *args, **kwargs):
+        evaluated.append(jax.device_get(params))
+        return real(progress, sampler, params, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(eval_run, "_evaluate_one", spy)
+        rows = eval_run.evaluate(run_dir)
+    return run_dir, rows, evaluated
 
 
 def results_text(run_dir):
@@ -107,7 +120,7 @@ def test_reference_stats_of_digits_are_the_direct_pixel_statistics(tmp_path, mon
 
 
 def test_evaluation_rows(uninterrupted):
-    run_dir, rows = uninterrupted
+    run_dir, rows, evaluated = uninterrupted
     assert [(r["step"], r["sampler"]) for r in rows] == [
         (1, "1step"), (1, "2step"), (2, "1step"), (2, "2step")]
     assert eval_run.read_results(run_dir) == rows
@@ -118,11 +131,26 @@ def test_evaluation_rows(uninterrupted):
     assert rows[0]["ts"] == [80.0] and rows[1]["ts"] == [80.0, 0.821]
     assert rows[0]["fd_pixels"] != rows[1]["fd_pixels"]
     assert eval_run.progress_dirs(run_dir) == []  # finished rounds are cleaned up
+    # Each row samples with the EMA parameters of its own step's checkpoint.
+    ckpt = checkpoints.Checkpointer(run_dir)
+    abstract = Setup(workdir.load_config(run_dir)).abstract_state()
+    states = {s: jax.device_get(ckpt.restore(abstract, s)) for s in (1, 2)}
+    ckpt.close()
+    for row, params in zip(rows, evaluated, strict=True):
+        jax.tree.map(np.testing.assert_array_equal, params, states[row["step"]].ema_params[0])
+
+    def differ(a, b):
+        return any(not np.array_equal(x, y)
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    # ... which the check can tell apart: step 1 moved the parameters (EMA != online).
+    assert differ(states[1].ema_params[0], states[2].ema_params[0])
+    assert differ(states[1].ema_params[0], states[1].params)
 
 
 def test_interrupted_and_resumed_evaluation_writes_the_same_rows(
         uninterrupted, trained, tmp_path, monkeypatch):
-    full_dir, full_rows = uninterrupted
+    full_dir, full_rows, _ = uninterrupted
     run_dir = str(tmp_path / "run")
     shutil.copytree(trained, run_dir)
 
@@ -154,7 +182,7 @@ def test_interrupted_and_resumed_evaluation_writes_the_same_rows(
 
 def test_rerun_skips_done_rows_and_given_config_overrides_eval(uninterrupted, tmp_path,
                                                                monkeypatch):
-    full_dir, full_rows = uninterrupted
+    full_dir, full_rows, _ = uninterrupted
     run_dir = str(tmp_path / "run")
     shutil.copytree(full_dir, run_dir)
     before = results_text(run_dir)

@@ -116,9 +116,9 @@ def metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def saved_state(run_dir: str):
+def saved_state(run_dir: str, step: int | None = None):
     ckpt = checkpoints.Checkpointer(run_dir)
-    state = ckpt.restore(Setup(tiny_config(**OVERRIDES)).abstract_state())
+    state = ckpt.restore(Setup(tiny_config(**OVERRIDES)).abstract_state(), step)
     ckpt.close()
     return jax.device_get(state)
 
@@ -158,6 +158,12 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert int(b.step) == 4
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # The resumed steps moved the parameters (tiny_config's warmup gives step 1 lr 0
+    # only), so the comparison above can see a wrong update after the resume.
+    mid = saved_state(two, step=2)
+    moved = max(float(np.abs(x - y).max()) for x, y in zip(
+        jax.tree.leaves(b.params), jax.tree.leaves(mid.params), strict=True))
+    assert moved > 1e-4, moved
     assert sorted(os.listdir(os.path.join(two, "samples"))) == [
         "step_00000002.png", "step_00000004.png"]
     logs = [f for f in os.listdir(two) if f.startswith("log.") and ".INFO." in f]
@@ -176,6 +182,12 @@ def test_batches_do_not_depend_on_the_process_count(global_batch):
         parts = [data.Batcher(images, global_batch, 3, p, count).batch(7) for p in range(count)]
         for key in ("x", "z"):
             np.testing.assert_array_equal(np.concatenate([b[key] for b in parts]), whole[key])
+    # The flips compared above happen: some rows, not all, are mirrored left-right.
+    plain = data.Batcher(images, global_batch, seed=3, random_flip=False).batch(7)["x"]
+    flip = data.Batcher(images, global_batch, seed=3).flips(7)
+    assert 0 < flip.sum() < global_batch, flip
+    np.testing.assert_array_equal(whole["x"][flip], plain[flip][:, :, ::-1])  # [B, H, W, C]
+    np.testing.assert_array_equal(whole["x"][~flip], plain[~flip])
     z = whole["z"]
     assert z.dtype == np.float32 and abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
     assert not np.array_equal(z, data.Batcher(images, global_batch, seed=3).batch(8)["z"])

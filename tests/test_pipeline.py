@@ -44,10 +44,10 @@ def test_with_batch_fn_assigns_every_batch():
     with assignment.Pipeline(source, fn, name="test-pipeline") as pipe:
         for want, got in zip(source, pipe, strict=True):
             assert got["index"] == want["index"] and got["x"] is want["x"]
-            assert got["assignment/reduction"] >= 0
-            np.testing.assert_array_equal(
-                np.sort(got["z"], axis=0), np.sort(want["z"], axis=0)
-            )  # Within each shard, rows are only permuted.
+            assert got["assignment/reduction"] > 0  # Paired, not passed through.
+            for shard in (slice(0, 4), slice(4, 8)):  # Within each shard, rows are only permuted.
+                assert {r.tobytes() for r in got["z"][shard]} == {
+                    r.tobytes() for r in want["z"][shard]}
 
 
 def failing_fn(batch, step):

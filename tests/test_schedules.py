@@ -35,6 +35,24 @@ def test_ict_curriculum(k):
     assert int(schedules.ict_num_scales(k, K, s0, s1)) == want
 
 
+@pytest.mark.parametrize("loss", ["ct", "ict", "edm", "cd"])
+def test_each_loss_gets_its_curriculum_and_target_decay(loss):
+    """N(k) and the target EMA mu(k) that the train step reads from CMConfig, at a step
+    where CT's mu(k) has moved away from mu0, against the closed forms."""
+    cfg = consistency.CMConfig(loss=loss, total_steps=1000, start_scales=10, end_scales=150,
+                               start_ema=0.95)
+    k, ct_k = 600, ct_n(600, 1000, 10, 150)
+    k_prime = math.floor(1000 / (math.log2(math.floor(150 / 10)) + 1))
+    want = {
+        "ct": (ct_k, math.exp(10 * math.log(0.95) / ct_k)),
+        "ict": (min(10 * 2 ** (k // k_prime), 150) + 1, 0.0),  # target = online
+        "edm": (0, 0.0),
+        "cd": (150, 0.95),  # fixed N = s1 and mu = mu0
+    }[loss]
+    got = (int(cfg.num_scales(jnp.int32(k))), float(cfg.target_decay(jnp.int32(k))))
+    assert got[0] == want[0] and got[1] == pytest.approx(want[1], rel=1e-6), (got, want)
+
+
 def test_karras_sigmas_ascending_with_end_points():
     s = np.asarray(schedules.karras_sigmas(18, 0.002, 80.0, 7.0))
     assert np.all(np.diff(s) > 0)
@@ -89,22 +107,54 @@ def test_distance_metrics():
 
 @pytest.mark.parametrize("loss", ["ct", "ict"])
 def test_no_gradient_reaches_target(loss):
+    """The gradient is that of the online branch alone: the target pass is a constant.
+
+    For iCT the target is the online network itself, so a zero gradient with respect to
+    `target` says nothing; the gradient with respect to `params` must equal that of the
+    loss written by hand with the target's parameters held fixed (and differ from the
+    gradient through both passes).
+    """
     cfg = consistency.CMConfig(loss=loss, total_steps=100, start_scales=10, end_scales=40)
-    apply_fn = lambda p, x, t, labels, train, key: p["w"] * x + p["b"]
+
+    def apply_fn(p, x, t, labels, train, key):
+        assert train, "both passes run in training mode (dropout on, the same key)"
+        return p["w"] * x + p["b"]
+
     params = {"w": jnp.float32(0.3), "b": jnp.float32(0.1)}
     target = {"w": jnp.float32(-0.2), "b": jnp.float32(0.5)}
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 4, 4, 1))
     z = jax.random.normal(jax.random.PRNGKey(2), (6, 4, 4, 1))
     keys = jax.random.split(jax.random.PRNGKey(3), 6)
+    step = jnp.int32(5)
 
     def loss_of(p, t):
-        return consistency.consistency_loss(apply_fn, cfg, p, t, x, z, jnp.int32(5), keys,
+        return consistency.consistency_loss(apply_fn, cfg, p, t, x, z, step, keys,
                                             jax.random.PRNGKey(4))[0]
 
     g_target = jax.grad(loss_of, argnums=1)(params, target)
     assert all(float(v) == 0.0 for v in jax.tree.leaves(g_target))
     g_params = jax.grad(loss_of)(params, target)
-    assert any(float(v) != 0.0 for v in jax.tree.leaves(g_params))
+
+    # By hand: online f(x + t_hi z, t_hi) against the teacher's f(x + t_lo z, t_lo).
+    t_lo, t_hi, weight = consistency.sample_levels(cfg, step, keys)
+    b = lambda t: t[:, None, None, None]
+
+    def by_hand(p_online, p_teacher):
+        f = lambda p, t: consistency.consistency_fn(apply_fn, p, x + b(t) * z, t, cfg,
+                                                    train=True)
+        d = consistency.distance(f(p_online, t_hi), f(p_teacher, t_lo), cfg.metric, -1.0)
+        return jnp.mean(weight * d)
+
+    teacher = params if loss == "ict" else target
+    assert float(loss_of(params, target)) == pytest.approx(float(by_hand(params, teacher)),
+                                                           rel=1e-6)
+    want = jax.grad(by_hand)(params, teacher)  # the teacher's parameters held fixed
+    for name in params:
+        assert float(g_params[name]) == pytest.approx(float(want[name]), rel=1e-5), name
+    if loss == "ict":  # the gradient through both passes is another one: the check can see it
+        both = jax.grad(lambda p: by_hand(p, p))(params)
+        assert max(abs(float(both[k] - want[k])) for k in params) > 1e-2 * max(
+            abs(float(want[k])) for k in params)
 
 
 def test_ict_levels_follow_lognormal():

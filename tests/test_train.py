@@ -87,12 +87,22 @@ def test_sample_mode_writes_npz_and_grid(uninterrupted):
     run_dir, _ = uninterrupted
     config = workdir.load_config(run_dir)
     config.sample.n = 10
-    config.sample.ts = (80.0, 0.821)
-    path = sample_run.sample_from_workdir(run_dir, config)
-    with np.load(path) as f:
-        images = f["images"]
-    assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
-    assert os.path.exists(path.replace(".npz", ".png"))
+
+    def draw(ts, step=-1):
+        config.sample.ts, config.sample.step = ts, step
+        path = sample_run.sample_from_workdir(run_dir, config)
+        assert os.path.exists(path.replace(".npz", ".png"))
+        with np.load(path) as f:
+            return f["images"], int(f["step"]), os.path.basename(path)
+
+    two, step, _ = draw((80.0, 0.821))
+    assert two.shape == (10, 8, 8, 1) and two.dtype == np.uint8 and step == 6
+    # sample.ts and sample.step are obeyed: one step gives other images (the second step
+    # adds visible noise to this nearly untrained model's grey), and step 3 its checkpoint.
+    one, _, _ = draw((80.0,))
+    assert np.abs(one.astype(np.int32) - two).mean() > 2
+    _, step, name = draw((80.0, 0.821), step=3)
+    assert step == 3 and name == "sample_step00000003_2step.npz"
 
 
 def test_train_on_mock_cifar10(tmp_path):
