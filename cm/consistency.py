@@ -21,7 +21,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Array | None],
                    jax.Array]
 
-LOSSES = ("ct", "ict", "edm", "cd")  # edm: diffusion (cm/edm.py); cd: distillation
+LOSSES = ("ct", "ict", "edm", "cd", "ddpm")  # edm, ddpm: diffusion (cm/edm.py, cm/ddpm.py)
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 
@@ -45,6 +45,10 @@ class CMConfig:
     lpips_pool: str = "max"
     lpips_resize: int = 224
     lpips_dtype: str = "float32"  # the model's compute dtype
+    num_timesteps: int = 1000  # ddpm: T and the beta schedule (cm/ddpm.py)
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -69,20 +73,22 @@ class CMConfig:
                    start_scales=c.start_scales, end_scales=c.end_scales,
                    start_ema=c.start_ema, p_mean=c.p_mean, p_std=c.p_std,
                    total_steps=config.training.n_iters, lpips_pool=c.lpips_pool,
-                   lpips_resize=c.lpips_resize, lpips_dtype=config.model.dtype)
+                   lpips_resize=c.lpips_resize, lpips_dtype=config.model.dtype,
+                   num_timesteps=c.num_timesteps, beta_schedule=c.beta_schedule,
+                   beta_start=c.beta_start, beta_end=c.beta_end)
 
     @property
     def uses_lpips(self) -> bool:
-        """Whether the loss needs the LPIPS network (EDM's loss is always l2)."""
-        return self.metric == "lpips" and self.loss != "edm"
+        """Whether the loss needs the LPIPS network (EDM's and DDPM's losses are l2)."""
+        return self.metric == "lpips" and self.loss not in ("edm", "ddpm")
 
     @property
     def max_scales(self) -> int:
         return schedules.max_scales(self.end_scales)
 
     def num_scales(self, step: int | jax.Array) -> jax.Array:
-        """N(k) of the curriculum (0 for EDM, which samples continuous sigmas)."""
-        if self.loss == "edm":
+        """N(k) of the curriculum (0 for the diffusion losses EDM and DDPM)."""
+        if self.loss in ("edm", "ddpm"):
             return jnp.zeros((), jnp.int32)
         if self.loss == "cd":  # fixed discretisation N = s1 (18 for CIFAR-10 CD)
             return jnp.asarray(self.end_scales, jnp.int32)
@@ -90,8 +96,8 @@ class CMConfig:
         return fn(step, self.total_steps, self.start_scales, self.end_scales)
 
     def target_decay(self, step: int | jax.Array) -> jax.Array:
-        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters) and EDM."""
-        if self.loss in ("ict", "edm"):
+        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters), EDM, DDPM."""
+        if self.loss in ("ict", "edm", "ddpm"):
             return jnp.zeros((), jnp.float32)
         if self.loss == "cd":  # fixed target EMA mu0 (0.95 for CIFAR-10 CD)
             return jnp.asarray(self.start_ema, jnp.float32)
