@@ -209,6 +209,7 @@ QUADRATIC_100 = ddpm.timesteps(T, 100, "quadratic")  # checked in test_timestep_
     ("ddim", "quadratic", 100, 0.0, QUADRATIC_100, 0.04),  # 2.9% low
     ("ddim", "uniform", 100, 1.0, UNIFORM_100, None),  # 12% low: no claim, see below
     ("ddpm", "uniform", T, 0.0, np.arange(T), 0.02),  # 0.3% high
+    ("ddpm", "uniform", 100, 0.0, UNIFORM_100, None),  # respaced; sigma^2 = beta' matters
 ])
 def test_samplers_recover_the_variance_of_gaussian_data(solver, skip, steps, eta, seq, tol):
     """With the exact eps of N(0, S2) data the samplers give about S2; and exactly (up to
