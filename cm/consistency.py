@@ -23,7 +23,7 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Array | None],
                    jax.Array]
 
-LOSSES = ("ct", "ict", "edm", "cd")  # edm: diffusion (cm/edm.py); cd: distillation
+LOSSES = ("ct", "ict", "edm", "cd", "ddpm")  # edm, ddpm: diffusion (cm/edm.py, cm/ddpm.py)
 METRICS = ("l2", "l1", "pseudo_huber", "lpips")
 
 
@@ -52,6 +52,10 @@ class CMConfig:
     lpips_vgg_path: str = ""  # where the weights are read from (cm.setup.frozen_inputs)
     lpips_lin_path: str = ""
     teacher_workdir: str = ""  # cm.loss=cd (cm.setup.load_teacher)
+    num_timesteps: int = 1000  # ddpm: T and the beta schedule (cm/ddpm.py)
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
     # From outside the `cm` section:
     total_steps: int = 800_000  # training.n_iters, the curricula's length
     lpips_dtype: str = "float32"  # model.dtype, the compute dtype
@@ -78,16 +82,16 @@ class CMConfig:
 
     @property
     def uses_lpips(self) -> bool:
-        """Whether the loss needs the LPIPS network (EDM's loss is always l2)."""
-        return self.metric == "lpips" and self.loss != "edm"
+        """Whether the loss needs the LPIPS network (EDM's and DDPM's losses are l2)."""
+        return self.metric == "lpips" and self.loss not in ("edm", "ddpm")
 
     @property
     def max_scales(self) -> int:
         return schedules.max_scales(self.end_scales)
 
     def num_scales(self, step: int | jax.Array) -> jax.Array:
-        """N(k) of the curriculum (0 for EDM, which samples continuous sigmas)."""
-        if self.loss == "edm":
+        """N(k) of the curriculum (0 for the diffusion losses EDM and DDPM)."""
+        if self.loss in ("edm", "ddpm"):
             return jnp.zeros((), jnp.int32)
         if self.loss == "cd":  # fixed discretisation N = s1 (18 for CIFAR-10 CD)
             return jnp.asarray(self.end_scales, jnp.int32)
@@ -95,8 +99,8 @@ class CMConfig:
         return fn(step, self.total_steps, self.start_scales, self.end_scales)
 
     def target_decay(self, step: int | jax.Array) -> jax.Array:
-        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters) and EDM."""
-        if self.loss in ("ict", "edm"):
+        """mu(k) of the CT target EMA; 0 for iCT (target = current parameters), EDM, DDPM."""
+        if self.loss in ("ict", "edm", "ddpm"):
             return jnp.zeros((), jnp.float32)
         if self.loss == "cd":  # fixed target EMA mu0 (0.95 for CIFAR-10 CD)
             return jnp.asarray(self.start_ema, jnp.float32)

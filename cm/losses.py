@@ -7,11 +7,12 @@ dropout_key, labels, **frozen) -> (loss, aux)`, where the frozen inputs are
 
 from collections.abc import Callable
 
-from cm import consistency, distill, edm
+from cm import consistency, ddpm, distill, edm
 
 LOSS_FNS: dict[str, Callable] = {
     "ct": consistency.consistency_loss,
     "ict": consistency.consistency_loss,
     "edm": edm.edm_loss,
     "cd": distill.cd_loss,  # also takes teacher_params / teacher_apply_fn
+    "ddpm": ddpm.ddpm_loss,
 }

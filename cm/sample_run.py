@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from cm import checkpoints, distributed, sampling, workdir
+from cm import checkpoints, distributed, sampling, solvers, workdir
 from cm.setup import Setup
 
 
@@ -55,8 +55,12 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
     ckpt.close()
     out_dir = os.path.join(run_dir, "samples")
     os.makedirs(out_dir, exist_ok=True)
-    if config.cm.loss == "edm":
+    if config.cm.loss in solvers.DIFFUSION_LOSSES:
         name = f"sample_step{step:08d}_{config.sample.solver}{config.sample.steps}"
+        if config.sample.solver == "ddim" and config.sample.eta:
+            name += f"_eta{config.sample.eta:g}"
+        if config.cm.loss == "ddpm" and config.sample.skip != "uniform":
+            name += f"_{config.sample.skip}"
     else:
         name = f"sample_step{step:08d}_{len(ts)}step"
     path = os.path.join(out_dir, name + ".npz")

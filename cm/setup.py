@@ -5,7 +5,6 @@ Used by training, sampling, evaluation, distillation and the benchmarks alike, s
 sits below all of them.
 """
 
-import functools
 import os
 
 import jax
@@ -15,13 +14,9 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm import checkpoints, consistency, distributed, edm, nets, sampling, train_step, workdir
+from cm import checkpoints, consistency, distributed, nets, sampling, solvers, train_step, workdir
 from cm.data import DatasetError
 from cm.nets import lpips
-
-
-def _edm_sample(apply_fn, params, cfg, key, shape, labels, *, solver, steps):
-    return edm.ode_sample(apply_fn, params, cfg, key, shape, steps, solver, labels)
 
 
 class Setup:
@@ -61,10 +56,12 @@ class Setup:
     def sampler(self, ts):
         """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid).
 
-        For an EDM run, the ODE solver of `sample.solver` / `sample.steps` instead.
+        For a diffusion run (EDM, DDPM), the solver of `sample.solver` / `sample.steps`
+        (and `sample.eta` / `sample.skip` for DDPM) instead.
         """
-        if self.cm.loss == "edm":  # a diffusion model: an ODE solver, not times `ts`
-            return self.ode_sampler(self.config.sample.solver, self.config.sample.steps)
+        if self.cm.loss in solvers.DIFFUSION_LOSSES:  # a solver, not times `ts`
+            s = self.config.sample
+            return self.ode_sampler(s.solver, s.steps, solvers.Options(s.eta, s.skip))
         ts = tuple(float(t) for t in ts)
         if ts not in self._samplers:
             self._samplers[ts] = sampling.make_sampler(
@@ -72,20 +69,24 @@ class Setup:
                 self.config.model.num_classes)
         return self._samplers[ts]
 
-    def ode_sampler(self, solver: str, steps: int):
-        """The jitted EDM ODE sampler (heun | euler, `steps` Karras times), built once."""
-        cache_key = (solver, int(steps))
+    def ode_sampler(self, solver: str, steps: int,
+                    options: solvers.Options = solvers.Options()):
+        """The jitted diffusion sampler `solver` (`cm.solvers`: heun | euler for EDM, ddim |
+        ddpm for DDPM) with `steps` steps, built once."""
+        cache_key = (solver, int(steps), options)
         if cache_key not in self._samplers:
-            sample_fn = functools.partial(_edm_sample, solver=solver, steps=int(steps))
+            sample_fn = solvers.make_sample_fn(self.cm, solver, int(steps), options)
             self._samplers[cache_key] = sampling.make_sampler(
                 self.apply_fn, self.cm, self.mesh, self.image_shape,
-                tuple(float(t) for t in self.ode_times(steps)),
+                tuple(float(t) for t in self.ode_times(steps, solver, options)),
                 self.config.model.num_classes, sample_fn=sample_fn)
         return self._samplers[cache_key]
 
-    def ode_times(self, steps: int) -> np.ndarray:
-        """The Karras times of a `steps`-step ODE sampler, ending with 0."""
-        return edm.karras_steps(int(steps), self.cm.sigma_min, self.cm.sigma_max, self.cm.rho)
+    def ode_times(self, steps: int, solver: str = "heun",
+                  options: solvers.Options = solvers.Options()) -> np.ndarray:
+        """The descending times of a `steps`-step sampler: Karras times ending with 0 (EDM),
+        or the timesteps visited (DDPM)."""
+        return solvers.times(self.cm, solver, int(steps), options)
 
     def round_batch(self, n: int) -> int:
         d = jax.device_count()

@@ -30,6 +30,7 @@ from cm import (
     preemption,
     run_lock,
     sampling,
+    solvers,
     train_step,
     workdir,
 )
@@ -89,8 +90,11 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"sample.ema_index={config.sample.ema_index} but there are "
                          f"{len(t.ema_rates)} EMA rates")
     cm_cfg = consistency.CMConfig.from_config(config)  # checks the cm section
-    if cm_cfg.loss == "edm" and cm_cfg.metric == "lpips":
-        logging.warning("cm.metric=lpips is ignored: EDM training uses its weighted l2 loss")
+    if cm_cfg.loss in solvers.DIFFUSION_LOSSES:
+        if cm_cfg.metric == "lpips":
+            logging.warning("cm.metric=lpips is ignored: diffusion training uses its l2 loss")
+        s = config.sample
+        solvers.check(cm_cfg, s.solver, s.steps, solvers.Options(s.eta, s.skip))
     if cm_cfg.uses_lpips:
         if config.data.num_channels != 3:
             raise ValueError(f"cm.metric=lpips needs RGB images; data.num_channels="

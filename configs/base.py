@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Consistency model: schedule, parameterisation, loss.
     cm = config.cm = ml_collections.ConfigDict()
-    cm.loss = "ct"  # ct | ict | edm (diffusion training; cm.p_mean / p_std: lognormal sigma)
+    cm.loss = "ct"  # ct | ict | cd | edm (lognormal sigma: cm.p_mean / p_std) | ddpm (eps)
     cm.sigma_min = 0.002
     cm.sigma_max = 80.0
     cm.rho = 7.0
@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
     cm.p_mean = -1.1  # iCT discrete lognormal level sampling
     cm.p_std = 2.0
     cm.teacher_workdir = ""  # cm.loss=cd: workdir of the EDM teacher run
+    cm.num_timesteps = 1000  # cm.loss=ddpm: T (cm/ddpm.py)
+    cm.beta_schedule = "linear"  # cm.loss=ddpm: linear (beta_start..beta_end) | cosine
+    cm.beta_start = 1e-4
+    cm.beta_end = 0.02
 
     # Immiscible noise assignment (see assignment/).
     assign = config.assignment = ml_collections.ConfigDict()
@@ -116,15 +120,19 @@ def get_config() -> ml_collections.ConfigDict:
     sample.n = 64
     sample.batch_size = 256
     sample.step = -1  # checkpoint step; -1 = latest
-    sample.solver = "heun"  # EDM runs: heun (2nd order) | euler (1st order, = DDIM)
-    sample.steps = 18  # EDM runs: Karras time steps
+    sample.solver = "heun"  # EDM runs: heun | euler; DDPM runs: ddim | ddpm (ancestral)
+    sample.steps = 18  # EDM runs: Karras time steps; DDPM runs: timesteps visited
+    sample.eta = 0.0  # DDPM runs, ddim: 0 = deterministic, 1 = ancestral (posterior variance)
+    sample.skip = "uniform"  # DDPM runs: sub-sequence of timesteps, uniform | quadratic
     sample.label = -1  # class-conditional models: a class, or -1 for a class grid
 
     # Evaluation (FID / IS, see evaluation/).
     ev = config.eval = ml_collections.ConfigDict()
     ev.n_samples = 50_000
     ev.batch_size = 500
-    ev.samplers = ("1step", "2step")
+    ev.samplers = ("1step", "2step")  # EDM runs: heun18, euler50, ...; DDPM: ddim50, ddpm1000
+    ev.eta = 0.0  # DDPM runs: eta of the ddimN samplers (recorded in each row)
+    ev.skip = "uniform"  # DDPM runs: uniform | quadratic timesteps (recorded as the row's ts)
     ev.two_step_t = 0.821  # intermediate time of two-step sampling
     ev.steps = ""  # checkpoints: '' = all, '1000', '1000-5000', 'latest'
     ev.inception_path = ""  # local pt_inception-2015-12-05 weights (.pth or converted .npz)

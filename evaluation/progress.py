@@ -118,9 +118,10 @@ def _save_npy(path: str, a: np.ndarray) -> None:
 
 
 def row_key(row: dict) -> tuple:
-    """What makes two result rows the same evaluation: step, sampler, n, metric, times."""
+    """What makes two result rows the same evaluation: step, sampler, n, metric, times
+    and (DDIM samplers) eta."""
     return (row.get("step"), row.get("sampler"), row.get("n"), row.get("metric"),
-            tuple(row.get("ts") or ()))
+            tuple(row.get("ts") or ()), row.get("eta"))
 
 
 def read_results(run_dir: str) -> list[dict]:

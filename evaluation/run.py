@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cm import checkpoints, data, workdir
+from cm import checkpoints, data, solvers, workdir
 from cm.config_view import view
 from cm.setup import Setup
 from evaluation import features as features_lib
@@ -50,14 +50,16 @@ SAMPLERS: dict[str, Callable[[float, float], tuple[float, ...]]] = {
     "1step": lambda sigma_max, t: (sigma_max,),
     "2step": lambda sigma_max, t: (sigma_max, t),
 }
-# Diffusion (EDM) runs: '<solver><steps>', e.g. 'heun18' (35 network calls) or 'euler50'.
-ODE_SAMPLER = re.compile(r"^(heun|euler)([1-9]\d*)$")
+# Diffusion runs: '<solver><steps>' (`cm.solvers`): EDM 'heun18' (35 network calls) or
+# 'euler50'; DDPM 'ddim50' (eta: eval.eta) or 'ddpm1000' (ancestral).
+_EXAMPLES = {"edm": '"heun18","euler50"', "ddpm": '"ddim50","ddpm1000"'}
+_CONFIGS = {"edm": "configs/cifar10_edm.py", "ddpm": "configs/cifar10_ddpm.py"}
+_KINDS = {"edm": "ODE solvers", "ddpm": "DDIM or ancestral samplers"}
 
 
 def parse_ode_sampler(name: str) -> tuple[str, int] | None:
-    """('heun', 18) for 'heun18'; None for a name that is not an ODE sampler."""
-    m = ODE_SAMPLER.match(name)
-    return (m.group(1), int(m.group(2))) if m else None
+    """('heun', 18) for 'heun18', ('ddim', 50) for 'ddim50'; None for other names."""
+    return solvers.parse(name)
 
 
 def network_calls(name: str) -> int:
@@ -65,8 +67,7 @@ def network_calls(name: str) -> int:
     ode = parse_ode_sampler(name)
     if ode is None:
         return len(SAMPLERS[name](0.0, 0.0))
-    solver, steps = ode
-    return 2 * steps - 1 if solver == "heun" else steps
+    return solvers.network_calls(*ode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,8 @@ class EvalConfig:
     stats_path: str = ""
     cache_dir: str = "~/.cache/immiscible_cm"
     features: str = "auto"
+    eta: float = 0.0
+    skip: str = "uniform"
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> EvalConfig:
@@ -89,24 +92,26 @@ class EvalConfig:
         # '--config.eval.steps=1000' may arrive as an int.
         return view(cls, ev, samplers=tuple(ev.samplers), steps=str(ev.steps))
 
-    def validate(self, diffusion: bool = False) -> None:
-        """Checks the section; `diffusion`: the run is an EDM model (ODE sampler names)."""
+    def validate(self, diffusion: bool = False, loss: str = "edm") -> None:
+        """Checks the section; `diffusion`: the run is a diffusion model trained with
+        `loss` (edm | ddpm), sampled by solver names."""
         if self.n_samples < 2:
             raise ValueError(f"eval.n_samples must be >= 2 (a covariance), got {self.n_samples}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size must be positive, got {self.batch_size}")
         if diffusion:
-            bad = [s for s in self.samplers if parse_ode_sampler(s) is None]
+            own = solvers.solvers_of(loss)
+            bad = [s for s in self.samplers if (parse_ode_sampler(s) or ("",))[0] not in own]
             if bad or not self.samplers:
                 raise ValueError(
-                    f"eval.samplers {self.samplers}: this is an EDM (diffusion) run, whose "
-                    "samplers are ODE solvers named '<solver><steps>' with solver heun or "
-                    "euler, e.g. --config configs/cifar10_edm.py "
-                    "--config.eval.samplers='(\"heun18\",\"euler50\")'")
+                    f"eval.samplers {self.samplers}: this is an {loss.upper()} (diffusion) run, "
+                    f"whose samplers are {_KINDS[loss]} named '<solver><steps>' with solver "
+                    f"{' or '.join(own)}, e.g. --config {_CONFIGS[loss]} "
+                    f"--config.eval.samplers='({_EXAMPLES[loss]})'")
             return
         bad = [s for s in self.samplers if s not in SAMPLERS]
         if bad or not self.samplers:
-            hint = (" (heunN / eulerN samplers are for EDM runs)"
+            hint = (" (heunN / eulerN samplers are for EDM runs, ddimN / ddpmN for DDPM runs)"
                     if any(parse_ode_sampler(s) for s in bad) else "")
             raise ValueError(f"eval.samplers {self.samplers}: expected names from "
                              f"{sorted(SAMPLERS)}{hint}")
@@ -266,9 +271,11 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
     device count), and appends a row to `<run_dir>/eval.jsonl`:
     `{"step", "sampler", "ts", "nfe", "n", "metric", <metric>: distance, "is", "is_std"}`
     with metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
-    already there (same step, sampler, times, n and metric) are not recomputed. For an
-    EDM run the samplers are ODE solvers ('heun18', 'euler50'; `ts` records their
-    Karras times) instead of consistency samplers ('1step', '2step').
+    already there (same step, sampler, times, n, metric and eta) are not recomputed. For
+    an EDM run the samplers are ODE solvers ('heun18', 'euler50'; `ts` records their
+    Karras times), for a DDPM run DDIM or ancestral samplers ('ddim50' with `eval.eta`
+    and `eval.skip`, 'ddpm1000'; `ts` records the timesteps, the row its `eta`), instead
+    of consistency samplers ('1step', '2step').
 
     Args:
       run_dir: a training workdir.
@@ -280,17 +287,17 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
       The rows of the chosen (step, sampler) pairs that are complete, in order.
     """
     saved = workdir.load_config(run_dir)
-    diffusion = saved.cm.loss == "edm"
+    diffusion = saved.cm.loss in solvers.DIFFUSION_LOSSES
     ev = _eval_settings(saved, config)
     if diffusion and ev.samplers and all(s in SAMPLERS for s in ev.samplers):
         # Consistency sampler names only (e.g. the base default, or a run saved before
         # EDM evaluation existed): evaluate the run's own ODE sampler instead.
         own = f"{saved.sample.solver}{saved.sample.steps}"
-        logging.warning("eval.samplers %s are consistency samplers; this EDM run is "
+        logging.warning("eval.samplers %s are consistency samplers; this diffusion run is "
                         "evaluated with its sample.solver / sample.steps: %s",
                         list(ev.samplers), own)
         ev = dataclasses.replace(ev, samplers=(own,))
-    ev.validate(diffusion)
+    ev.validate(diffusion, saved.cm.loss)
     data_cfg = data.DataConfig.from_config(saved)
     ckpt = checkpoints.Checkpointer(run_dir)
     try:
@@ -305,10 +312,16 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
-        if diffusion:  # ts: the Karras times of the ODE solver, for the record
-            ts_of = {s: tuple(float(t) for t in setup.ode_times(parse_ode_sampler(s)[1]))
-                     for s in ev.samplers}
-            samplers = {s: setup.ode_sampler(*parse_ode_sampler(s)) for s in ev.samplers}
+        options = solvers.Options(ev.eta, ev.skip)
+        # eta is part of a row (and of its identity) for the samplers that use it.
+        eta_of = {s: ev.eta if (parse_ode_sampler(s) or ("",))[0] == "ddim" else None
+                  for s in ev.samplers}
+        if diffusion:  # ts: the solver's times (Karras sigmas, DDPM timesteps), for the record
+            parsed = {s: parse_ode_sampler(s) for s in ev.samplers}
+            ts_of = {s: tuple(float(t) for t in setup.ode_times(steps, solver, options))
+                     for s, (solver, steps) in parsed.items()}
+            samplers = {s: setup.ode_sampler(solver, steps, options)
+                        for s, (solver, steps) in parsed.items()}
         else:
             ts_of = {s: tuple(float(t) for t in SAMPLERS[s](setup.cm.sigma_max,
                                                               ev.two_step_t))
@@ -321,7 +334,8 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                      "%s features vs %s", steps, list(ev.samplers), ev.n_samples, batch,
                      feats.kind, ref_path)
         for step in steps:
-            keys = {s: (step, s, ev.n_samples, feats.metric, ts_of[s]) for s in ev.samplers}
+            keys = {s: (step, s, ev.n_samples, feats.metric, ts_of[s], eta_of[s])
+                    for s in ev.samplers}
             todo = [s for s in ev.samplers if keys[s] not in done]
             params = None
             if todo:
@@ -337,6 +351,8 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                 spec = {"step": step, "sampler": s, "ts": list(ts_of[s]), "n": ev.n_samples,
                         "batch": batch, "seed": int(saved.training.seed),
                         "ema_index": int(saved.sample.ema_index), "features": feats.kind}
+                if eta_of[s] is not None:
+                    spec["eta"] = eta_of[s]
                 progress = Progress(os.path.join(run_dir, EVAL_DIR),
                                     f"step{step:08d}_{s}_{feats.metric}", spec, feats.dim,
                                     batch, ev.n_samples)
@@ -408,4 +424,5 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
         is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
     return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
             "nfe": network_calls(spec["sampler"]), "n": spec["n"], "metric": feats.metric,
-            feats.metric: value, "is": is_mean, "is_std": is_std}
+            feats.metric: value, "is": is_mean, "is_std": is_std,
+            **({"eta": spec["eta"]} if "eta" in spec else {})}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cm.nets import ncsnpp
+from cm.nets import ddpm_unet, ncsnpp
 
 PyTree = Any
 
@@ -24,6 +24,7 @@ def _build_ncsnpp(config: ml_collections.ConfigDict) -> nn.Module:
 
 MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "ncsnpp": _build_ncsnpp,
+    "ddpm_unet": ddpm_unet.build,  # DDPM's CIFAR-10 U-Net (cm.loss=ddpm configs)
 }
 
 
