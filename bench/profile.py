@@ -87,9 +87,9 @@ def profile(config, steps: int, log_dir: str, k: int = 1) -> tuple[dict, float]:
             "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
     if config.model.num_classes > 0:
         host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
-    if k > 1:
-        host = {name: np.stack([v] * k) for name, v in host.items()}
-    batch = train_step.shard_batch(host, setup.mesh, stacked=k > 1)
+    batch = train_step.shard_batch(host, setup.mesh)
+    if k > 1:  # k steps' batches
+        batch = tuple(train_step.shard_batch(host, setup.mesh) for _ in range(k))
     for _ in range(2):  # compile and warm up outside the trace
         state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(metrics)

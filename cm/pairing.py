@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 
 import assignment
 from cm.data import Batcher
@@ -99,8 +98,8 @@ class Pairing:
         pipeline's thread, so the host-to-device copy of the next batches overlaps the
         current step instead of delaying its dispatch. `Pipeline.stats()` gives the
         time the trainer waited for them. With `steps_per_item = k > 1` each item holds
-        k consecutive steps' paired batches stacked `[k, B, ...]` (each paired exactly
-        as alone) and their k diagnostics.
+        a tuple of k consecutive steps' paired batches (each paired exactly as alone)
+        and their k diagnostics.
         """
         batch_fn = assignment.make_batch_fn(self.options)
         k = steps_per_item
@@ -114,8 +113,7 @@ class Pairing:
                 diagnostics.append(d)
             if k == 1:
                 return {"batch": place(arrays[0]), "diagnostics": diagnostics}
-            stacked = {name: np.stack([a[name] for a in arrays]) for name in arrays[0]}
-            return {"batch": place(stacked), "diagnostics": diagnostics}
+            return {"batch": tuple(place(a) for a in arrays), "diagnostics": diagnostics}
 
         return assignment.Pipeline(_groups(batcher(start_step), k), paired,
                                    start_step=start_step, prefetch=self.prefetch)

@@ -252,7 +252,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
         return values
 
     try:
-        place = functools.partial(train_step.shard_batch, mesh=setup.mesh, stacked=k > 1)
+        place = functools.partial(train_step.shard_batch, mesh=setup.mesh)
         # `training.transfer_guard=disallow` makes any implicit host<->device copy in the
         # loop an error (a hidden per-step sync); explicit ones (device_get) stay allowed.
         with pair.inputs(batcher, start, place, k) as inputs, \

@@ -127,9 +127,10 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
     optionally `label` `[B]`). The state is donated. With `steps_per_call = k > 1` the
-    function runs k steps in one call (`lax.scan`, unrolled) on `[k, B, ...]` batches (see
-    `shard_batch(..., stacked=True)`), so small models pay the host's per-call cost once
-    per k steps; its metrics are the last step's, plus `losses` `[k]`.
+    function takes a tuple of k such batches and runs the k steps in one call (unrolled,
+    with an optimisation barrier between steps, so each step is the one-step program),
+    so small models pay the host's per-call cost once per k steps; its metrics are the
+    last step's, plus `losses` `[k]`.
 
     `frozen` holds replicated inputs that are never trained nor checkpointed (see
     `cm.setup.frozen_inputs`): `teacher` (the EDM teacher's parameters for `cm.loss=cd`,
@@ -190,16 +191,16 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         }
         return new_state, metrics
 
-    def train_steps(state: TrainState, batches: dict, frozen: dict | None = None,
+    def train_steps(state: TrainState, batches: tuple[dict, ...], frozen: dict | None = None,
                     ) -> tuple[TrainState, dict]:
-        def body(state, batch):
-            return train_step(state, batch, frozen)
-
-        # Fully unrolled: on XLA:CPU a rolled loop ran the same step 11x slower (its body
-        # loses the runtime's parallel thunks); unrolled, k steps cost k steps' compute.
-        state, metrics = jax.lax.scan(body, state, batches, unroll=True)  # metrics [k]
-        last = jax.tree.map(lambda v: v[-1], metrics)
-        return state, {**last, "losses": metrics["loss"]}
+        losses = []
+        for batch in batches:  # unrolled: k copies of the one-step program
+            state, metrics = train_step(state, batch, frozen)
+            # No fusion across step boundaries: each step computes what it computes
+            # alone (bitwise on the CPU, tests/test_train.py).
+            state, metrics = jax.lax.optimization_barrier((state, metrics))
+            losses.append(metrics["loss"])
+        return state, {**metrics, "losses": jnp.stack(losses)}
 
     if steps_per_call < 1:
         raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
@@ -208,13 +209,12 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
     return jax.jit(fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
 
 
-def shard_batch(batch: dict, mesh: Mesh, stacked: bool = False) -> dict:
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Places this process's host batch onto the mesh, split along the batch axis.
 
     With several processes, each passes its own `[B_host, ...]` rows; the result is
     the global `[B_host * process_count, ...]` array, process p's rows at
-    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process). `stacked`:
-    the arrays are `[k, B_host, ...]`, k steps' batches, split along their second axis.
+    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process).
     """
-    sharding = NamedSharding(mesh, P(None, "data") if stacked else P("data"))
+    sharding = NamedSharding(mesh, P("data"))
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -34,7 +34,7 @@ def remove_a_file(step_dir):
 
 @pytest.fixture(scope="module")
 def stopped_at_6(tmp_path_factory):
-    """A run stopped after step 6 of 8: snapshots 3 and 6, resume checkpoint 4."""
+    """A run stopped after step 6 of 8: snapshots 3 and 6, resume checkpoints 2 and 4."""
     run_dir = str(tmp_path_factory.mktemp("stopped"))
     train.train(tiny_config(**OVERRIDES), run_dir, stop_after=6)
     ckpt = checkpoints.Checkpointer(run_dir)
@@ -84,7 +84,7 @@ def damage_all(run_dir):
 def test_no_restorable_checkpoint_is_one_clear_error(stopped_at_6, tmp_path):
     run_dir = copy_of(stopped_at_6, tmp_path)
     damage_all(run_dir)
-    with pytest.raises(checkpoints.CheckpointError, match="none of the 3 checkpoints"):
+    with pytest.raises(checkpoints.CheckpointError, match="none of the 4 checkpoints"):
         train.train(tiny_config(**OVERRIDES), run_dir)
     assert not os.path.exists(os.path.join(run_dir, "damaged"))  # nothing moved
     # From the command line: one line, no traceback.
@@ -98,7 +98,7 @@ def test_no_restorable_checkpoint_is_one_clear_error(stopped_at_6, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "none of the 3 checkpoints" in errors[0], result.stderr[-3000:]
+    assert len(errors) == 1 and "none of the 4 checkpoints" in errors[0], result.stderr[-3000:]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 
 import jax
@@ -77,19 +76,17 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(
         tmp_path, monkeypatch):
-    import assignment
-    from cm import preemption
+    from cm import logs, preemption
 
-    split, calls = assignment.split_diagnostics, []
+    add, calls = logs.Meter.add, []
 
-    def interrupt_during_step_3(batch):
-        if threading.current_thread() is threading.main_thread():  # the loop, once a step
-            calls.append(1)
-        if len(calls) == 3 and threading.current_thread() is threading.main_thread():
+    def interrupt_during_step_3(self, diagnostics):  # the loop calls it once a step
+        calls.append(1)
+        if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while step 3 runs
-        return split(batch)
+        return add(self, diagnostics)
 
-    monkeypatch.setattr(assignment, "split_diagnostics", interrupt_during_step_3)
+    monkeypatch.setattr(logs.Meter, "add", interrupt_during_step_3)
     config = tiny_config(**OVERRIDES)
     run_dir = str(tmp_path)
     previous = signal.getsignal(signal.SIGINT)

@@ -223,9 +223,11 @@ def test_saved_config_from_an_older_version_gets_new_fields(tmp_path):
 
 
 def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path):
-    """k = 3 steps per jitted call (lax.scan over pre-paired batches) trains the same
-    run as one step per call: the same per-step losses at the log steps, and bitwise the
-    same parameters after steps that move them (warmup 2 of 6 steps)."""
+    """k = 3 steps per jitted call (k batches paired ahead, one unrolled program) trains
+    the same run as one step per call, after steps that move the parameters (warmup 2 of
+    6 steps). Measured: the first call's losses are bitwise those of k = 1; from the
+    second call on they differ in the last bits (XLA compiles the k-step program apart),
+    hence float tolerances far below any wrong batch, pairing or step count."""
     full_dir, _ = uninterrupted
     config = tiny_config(**{"training.sample_every": 3, "training.steps_per_call": 3,
                             "training.log_every": 3})
@@ -234,12 +236,13 @@ def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path)
     by_step = {r["step"]: r for r in read_metrics(full_dir)}
     rows = read_metrics(str(tmp_path))
     assert [r["step"] for r in rows] == [3, 6]
+    assert rows[0]["loss"] == by_step[3]["loss"]
     for r in rows:
-        assert r["loss"] == by_step[r["step"]]["loss"]
-        assert r["grad_norm"] == by_step[r["step"]]["grad_norm"]
+        assert r["loss"] == pytest.approx(by_step[r["step"]]["loss"], rel=1e-6)
+        assert r["grad_norm"] == pytest.approx(by_step[r["step"]]["grad_norm"], rel=1e-5)
     a, b = final_params(full_dir, config), final_params(str(tmp_path), config)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     moved = final_params(full_dir, config).params
     start = Setup(config).init_state().params
     assert any(np.any(np.asarray(p) != np.asarray(q)) for p, q in

@@ -7,9 +7,15 @@ Layers, bottom up: `sources` (readers and `DatasetError`), `streaming` and
 
 from cm.data.batcher import NOISE_BLOCK, Batcher
 from cm.data.dataset import LOADERS, DataConfig, load_dataset, load_images
-from cm.data.sources import DatasetError, center_crop, load_digits, load_digits_labels
+from cm.data.sources import (
+    DatasetError,
+    center_crop,
+    load_digits,
+    load_digits_labels,
+    load_npz_with_labels,
+)
 
 __all__ = [
     "NOISE_BLOCK", "Batcher", "LOADERS", "DataConfig", "load_dataset", "load_images",
-    "DatasetError", "center_crop", "load_digits", "load_digits_labels",
+    "DatasetError", "center_crop", "load_digits", "load_digits_labels", "load_npz_with_labels",
 ]
