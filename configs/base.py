@@ -13,11 +13,15 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data: where images come from and how they are batched.
     data = config.data = ml_collections.ConfigDict()
-    data.name = "cifar10"  # cifar10 | digits | npz | folder | tfds:<any TFDS image dataset>
-    data.path = ""  # .npz file for name=npz (array 'images' or 'x', uint8 NHWC)
+    # cifar10 | digits | npz | folder | fashion_mnist | idx | tfds:<any TFDS image dataset>
+    data.name = "cifar10"
+    # .npz file for name=npz (array 'images' or 'x', uint8 NHWC); folder for name=folder;
+    # idx: a folder of IDX files (MNIST, EMNIST) or one images file; fashion_mnist: '' =
+    # /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)
+    data.path = ""
     data.data_dir = ""  # tensorflow-datasets data dir ('' = tfds default)
-    data.split = "train"
-    data.image_size = 32
+    data.split = "train"  # idx / fashion_mnist: train | test
+    data.image_size = 32  # idx / fashion_mnist: 32 pads 28 with background, others resize
     data.num_channels = 3
     data.random_flip = True
     data.crop = 0  # center crop (pixels) before resizing to image_size; 0 = none

@@ -1,8 +1,10 @@
 """Feature kinds for Frechet distances, and the cached reference statistics of a dataset.
 
 A registry maps a kind name to a factory: `inception` (pytorch-fid's pool features and
-logits: FID and Inception Score) or `pixels` (flattened images in [0, 1]: `fd_pixels`,
-for the embedded digits, where no Inception applies, and for tests without weights).
+logits: FID and Inception Score), `pixels` (flattened images in [0, 1]: `fd_pixels`,
+for the embedded digits, where no Inception applies, and for tests without weights) or
+`fashion` (the penultimate features and logits of a Fashion-MNIST classifier,
+`evaluation.fashion_net`: `fd_fashion` and a classifier score).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from absl import logging
 
 from cm import data
 from cm.data import image_folder
-from evaluation import fid, inception, weights
+from evaluation import fashion_net, fid, inception, weights
 
 ImageShape = tuple[int, int, int]  # (H, W, C)
 # uint8 images [N, H, W, C] -> (float features [N, D], logits [N, K] or None)
@@ -35,12 +37,20 @@ class Features:
       dim: feature dimension D.
       extract: uint8 images [N, H, W, C] -> (features [N, D], logits [N, K] or None);
         logits (classifier outputs) give the Inception Score, None means no IS.
+      version: what else identifies the features (e.g. a trained network's sha256
+        prefix), so that reference statistics of other weights are never reused.
     """
 
     kind: str
     metric: str
     dim: int
     extract: ExtractFn
+    version: str = ""
+
+    @property
+    def tag(self) -> str:
+        """`kind`, or `kind-version`: names the reference statistics and eval rows."""
+        return f"{self.kind}-{self.version}" if self.version else self.kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +87,31 @@ def _inception(shape: ImageShape, options: Options) -> Features:
     return Features("inception", "fid", inception.FEATURE_DIM, extract)
 
 
+def _fashion(shape: ImageShape, options: Options) -> Features:
+    if shape[-1] != 1:
+        raise ValueError(f"fashion features need grayscale images, got shape {shape}")
+    params, manifest = fashion_net.load_or_train(options.cache_dir, log=logging.info)
+    logging.info("fashion features: %s (test accuracy %.4f, sha256 %s)",
+                 fashion_net.weights_path(options.cache_dir), manifest["test_accuracy"],
+                 manifest["sha256"][:16])
+    return Features("fashion", "fd_fashion", fashion_net.feature_dim(params),
+                    lambda images: fashion_net.features_and_logits(params, images,
+                                                                   options.batch_size),
+                    version=manifest["sha256"][:8])
+
+
 FeatureFactory = Callable[[ImageShape, Options], Features]
-FEATURES: dict[str, FeatureFactory] = {"inception": _inception, "pixels": _pixels}
+FEATURES: dict[str, FeatureFactory] = {"inception": _inception, "pixels": _pixels,
+                                       "fashion": _fashion}
+AUTO_KIND = {"digits": "pixels", "fashion_mnist": "fashion"}  # data.name -> kind of 'auto'
 
 
 def resolve_kind(kind: str, data_cfg: data.DataConfig) -> str:
-    """`eval.features`, with 'auto' = pixels for the digits and 1-channel data, else inception."""
+    """`eval.features`; 'auto' = `AUTO_KIND` of the dataset, else pixels for 1-channel data
+    and inception for the rest."""
     if kind == "auto":
-        return "pixels" if data_cfg.name == "digits" or data_cfg.num_channels == 1 else "inception"
+        return AUTO_KIND.get(data_cfg.name,
+                             "pixels" if data_cfg.num_channels == 1 else "inception")
     if kind not in FEATURES:
         raise ValueError(f"unknown eval.features {kind!r}; expected 'auto' or one of "
                          f"{sorted(FEATURES)}")
@@ -100,6 +127,10 @@ def make_features(kind: str, data_cfg: data.DataConfig, options: Options) -> Fea
 
 def _dataset_tag(data_cfg: data.DataConfig) -> str:
     crop = f"-crop{data_cfg.crop}" if data_cfg.crop else ""
+    if data_cfg.name == "idx":  # a user's folder or file: its name and a digest of its path
+        path = os.path.realpath(os.path.expanduser(data_cfg.path))
+        digest = hashlib.sha256(path.encode()).hexdigest()[:8]
+        return f"idx-{os.path.basename(path.rstrip(os.sep))}-{digest}{crop}"
     h = hashlib.sha256()
     if data_cfg.name == "npz":
         # A user's file: its name and a digest of its bytes, so a changed file is not reused.

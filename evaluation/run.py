@@ -253,7 +253,7 @@ def reference_stats(config: ml_collections.ConfigDict, run_dir: str | None = Non
     ev = EvalConfig.from_config(config)
     data_cfg = data.DataConfig.from_config(config)
     feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options())
-    path = features_lib.reference_path(data_cfg, feats.kind, ev.stats_path, ev.cache_dir)
+    path = features_lib.reference_path(data_cfg, feats.tag, ev.stats_path, ev.cache_dir)
     ref = features_lib.ensure_reference(data_cfg, feats, path, chunk=max(ev.batch_size, 1000))
     logging.info("reference statistics of %s/%s: %d images, %s features, in %s",
                  data_cfg.name, data_cfg.split, ref.n or -1, feats.kind, path)
@@ -308,7 +308,7 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
         setup = Setup(saved)
         batch = setup.round_batch(ev.batch_size)
         feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options(batch))
-        ref_path = features_lib.reference_path(data_cfg, feats.kind, ev.stats_path,
+        ref_path = features_lib.reference_path(data_cfg, feats.tag, ev.stats_path,
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
@@ -350,7 +350,7 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                     continue
                 spec = {"step": step, "sampler": s, "ts": list(ts_of[s]), "n": ev.n_samples,
                         "batch": batch, "seed": int(saved.training.seed),
-                        "ema_index": int(saved.sample.ema_index), "features": feats.kind}
+                        "ema_index": int(saved.sample.ema_index), "features": feats.tag}
                 if eta_of[s] is not None:
                     spec["eta"] = eta_of[s]
                 progress = Progress(os.path.join(run_dir, EVAL_DIR),

@@ -9,11 +9,15 @@ isolates JAX state), in `<root>/<key=value,...>/seed<k>`; every run's `eval.json
 are then collected into `<root>/results.jsonl` with their arm and seed. Re-running skips
 finished runs and resumes the others (main.py resumes from the workdir by itself).
 `--print-only` prints the command lines instead, for launching on a cluster.
+`--parallel N` runs N runs at once (e.g. on one large GPU, with
+`XLA_PYTHON_CLIENT_MEM_FRACTION` set to a share per process); each subprocess's output
+then goes to `<workdir>.<mode>.out` beside its workdir.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -225,32 +229,46 @@ def _subprocess(cmd: list[str]) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def _subprocess_to_file(cmd: list[str]) -> int:
+    """Runs `cmd` with its output in `<workdir>.<mode>.out` (parallel runs do not mix)."""
+    out = f"{cmd[cmd.index('--workdir') + 1]}.{cmd[cmd.index('--mode') + 1]}.out"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "a") as f:
+        return subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
 def run_sweep(config: str, runs: Sequence[Run], *, evaluate: bool = True,
-              execute: Executor = _subprocess,
+              execute: Executor | None = None,
               done: Callable[[Run, ml_collections.ConfigDict], bool] | None = None,
-              log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, list[Run]]:
-    """Trains (and evaluates) the runs one after another, skipping finished ones.
+              log: Callable[[str], None] = lambda s: print(s, flush=True),
+              parallel: int = 1) -> dict[str, list[Run]]:
+    """Trains (and evaluates) the runs, `parallel` at a time, skipping finished ones.
 
     Args:
       config: the config file path.
       runs: from `expand`.
       evaluate: also run `--mode eval` after training.
-      execute: runs one command line, returns its exit status (tests inject a fake).
+      execute: runs one command line, returns its exit status (tests inject a fake;
+        default: a subprocess, whose output goes to `<workdir>.<mode>.out` when
+        `parallel` > 1).
       done: whether a run is finished (default `is_done`).
       log: progress lines.
+      parallel: how many runs at once (each run's train and eval stay in order).
 
     Returns:
-      {'skipped': [...], 'ran': [...], 'failed': [...]}.
+      {'skipped': [...], 'ran': [...], 'failed': [...]}, each in the order of `runs`.
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     done = done or (lambda r, c: is_done(r, c, evaluate))
-    out: dict[str, list[Run]] = {"skipped": [], "ran": [], "failed": []}
-    for i, run in enumerate(runs):
+    execute = execute or (_subprocess if parallel == 1 else _subprocess_to_file)
+
+    def one(i: int, run: Run) -> str:
         cfg = resolve_config(config, run.overrides)
         tag = f"[{i + 1}/{len(runs)}] {run.arm} seed {run.seed}"
         if done(run, cfg):
             log(f"{tag}: done, skipped")
-            out["skipped"].append(run)
-            continue
+            return "skipped"
         t0 = time.perf_counter()
         status = 0
         if not is_trained(run.workdir, int(cfg.training.n_iters)):
@@ -261,10 +279,18 @@ def run_sweep(config: str, runs: Sequence[Run], *, evaluate: bool = True,
             status = execute(eval_command(config, run))
         if status != 0:
             log(f"{tag}: FAILED (exit status {status}); see {run.workdir}/log*")
-            out["failed"].append(run)
-        else:
-            log(f"{tag}: finished in {time.perf_counter() - t0:.0f} s")
-            out["ran"].append(run)
+            return "failed"
+        log(f"{tag}: finished in {time.perf_counter() - t0:.0f} s")
+        return "ran"
+
+    if parallel == 1:
+        kinds = [one(i, run) for i, run in enumerate(runs)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            kinds = list(pool.map(one, range(len(runs)), runs))
+    out: dict[str, list[Run]] = {"skipped": [], "ran": [], "failed": []}
+    for kind, run in zip(kinds, runs, strict=True):
+        out[kind].append(run)
     return out
 
 
@@ -297,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the main.py command lines and exit")
     p.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate each run after training (default: yes)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="runs at once (default 1); output of each in <workdir>.<mode>.out")
     return p
 
 
@@ -317,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for make in modes:
                 print(shlex.join(make(args.config, run, "python", "main.py")))
         return 0
-    out = run_sweep(args.config, runs, evaluate=args.eval)
+    out = run_sweep(args.config, runs, evaluate=args.eval, parallel=args.parallel)
     path = collect(runs, args.root)
     print(f"{len(out['ran'])} ran, {len(out['skipped'])} skipped, {len(out['failed'])} "
           f"failed; rows in {path}; report: python -m experiments.report --root {args.root}")

@@ -5,6 +5,7 @@ No training here: finished runs are faked with a checkpoint folder and an eval.j
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -150,6 +151,28 @@ def test_injected_done_check(tmp_path):
     out = sweep.run_sweep(QUICKSTART, runs, evaluate=False, done=lambda r, c: r.seed == 0,
                           execute=lambda cmd: calls.append(cmd) or 0, log=lambda _: None)
     assert out["skipped"] == runs[:1] and len(calls) == 1
+
+
+def test_parallel_runs_overlap_and_keep_each_runs_order(tmp_path):
+    runs = sweep.expand(sweep.parse_grid(["assignment.method=none,linear,knn"]), [0],
+                        str(tmp_path), ["training.n_iters=8"])
+    barrier = threading.Barrier(3, timeout=60)  # all three trainings must run at once
+    calls, lock = [], threading.Lock()
+
+    def execute(cmd):
+        mode = cmd[cmd.index("--mode") + 1]
+        if mode == "train":
+            barrier.wait()
+        with lock:
+            calls.append((mode, cmd[cmd.index("--workdir") + 1]))
+        return 0
+
+    out = sweep.run_sweep(QUICKSTART, runs, execute=execute, log=lambda _: None, parallel=3)
+    assert out["ran"] == runs and not out["failed"]
+    for run in runs:
+        assert calls.index(("train", run.workdir)) < calls.index(("eval", run.workdir))
+    with pytest.raises(ValueError, match="parallel"):
+        sweep.run_sweep(QUICKSTART, runs, execute=execute, parallel=0)
 
 
 # ----------------------------------------------------------------------------------------

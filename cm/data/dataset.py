@@ -12,9 +12,10 @@ import ml_collections
 import numpy as np
 
 from cm.config_view import view
-from cm.data import image_folder, streaming
+from cm.data import idx, image_folder, streaming
 from cm.data.sources import (
     DatasetError,
+    center_crop,
     load_digits,
     load_digits_labels,
     load_npz_with_labels,
@@ -51,12 +52,28 @@ def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
     return load_digits(cfg.image_size), load_digits_labels()
 
 
+def _load_idx(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """IDX files (`idx`: `data.path`; `fashion_mnist`: `data.path` or the Debian folder),
+    center-cropped, then padded 28 -> 32 with background (`idx.pads_to`) or resized."""
+    if cfg.name == "idx" and not cfg.path:
+        raise DatasetError("data.name=idx needs data.path: a folder of IDX files or one "
+                           "images file (e.g. train-images-idx3-ubyte.gz)")
+    path = idx.fashion_mnist_dir(cfg.path) if cfg.name == "fashion_mnist" else cfg.path
+    images, labels = idx.load_split(path, cfg.split)
+    images = center_crop(images, cfg.crop)
+    if idx.pads_to(images.shape[1], cfg.image_size):
+        return idx.pad(images, cfg.image_size), labels
+    return prepare(images, 0, cfg.image_size), labels
+
+
 # Each loader returns (uint8 images [N, H, W, C], int32 labels [N] or None).
 LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
     "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
     "digits": load_digits_with_labels,
     "npz": lambda c: load_npz_with_labels(c.path, c.value_range),
     "folder": lambda c: _load_folder(c),
+    "fashion_mnist": _load_idx,
+    "idx": _load_idx,
 }
 
 

@@ -1,0 +1,64 @@
+"""Fashion-MNIST iCT at 16x16: a real-image benchmark that trains on a 2-core CPU.
+
+Data: the 60,000 Fashion-MNIST training images (`apt-get install dataset-fashion-mnist`),
+resized from 28x28 to 16x16 (bilinear). Why 16x16 and not 28x28 with a narrower network:
+XLA's count for one training step at batch 64 is 8.9 GFLOP for this network (NCSN++, nf 16,
+ch_mult (1, 2, 2), one residual block per level, attention at 4x4; 0.32 M parameters);
+the same network at 28x28 costs 28.9 GFLOP, and narrowing it to the same cost leaves nf 8
+and 0.08 M parameters. The quick start (7.8 GFLOP per step) ran at 3.9-6.0 steps/s on
+this CPU; this config was measured at 1.7-2.0 steps/s (about 0.3 CPU-seconds per step) while
+the 2 cores were shared with a load average of 6.5-8 (docs/results.md), so 2,000 steps
+take an estimated 5-7 minutes on the idle machine and about 18 on the loaded one.
+
+Training follows iCT (Song & Dhariwal 2023) in the quick start's small-scale form: no EMA
+teacher, pseudo-Huber metric with c = 0.00054 sqrt(dim), discrete lognormal levels
+(P_mean -1.1, P_std 2.0), exponential curriculum from the paper's s0 = 10 to s1 = 160
+(1280 is for 400k steps), Adam 1e-3 with 100 warmup steps, batch 64. Evaluation EMA 0.99:
+a horizon of 100 steps, 5% of the run, as the paper's 0.99993 is 3.5% of its 400k steps.
+No random flips: all footwear in Fashion-MNIST points left. Class-conditional with
+`--config.model.num_classes=10` (the labels are loaded).
+
+Evaluation: `fd_fashion`, the Fréchet distance in the penultimate features of a
+Fashion-MNIST classifier (`evaluation/fashion_net.py`), of 5,000 one-step samples against
+the 60,000 training images at the same size, and its classifier score (`is`), at the 10
+snapshots (every 200 steps).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    config = base.get_config()
+    config.data.name = "fashion_mnist"
+    config.data.image_size = 16
+    config.data.num_channels = 1
+    config.data.random_flip = False
+    config.model.nf = 16
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 1
+    config.model.attn_resolutions = (4,)
+    config.model.fourier_scale = 16.0
+    config.cm.loss = "ict"
+    config.cm.metric = "pseudo_huber"
+    config.cm.start_scales = 10
+    config.cm.end_scales = 160
+    config.cm.p_mean = -1.1
+    config.cm.p_std = 2.0
+    config.optim.optimizer = "adam"
+    config.optim.lr = 1e-3
+    config.optim.warmup = 100
+    config.training.batch_size = 64
+    config.training.n_iters = 2000
+    config.training.ema_rates = (0.99,)
+    config.training.log_every = 100
+    config.training.sample_every = 1000
+    config.training.snapshot_every = 200
+    config.training.keep_snapshots = 10
+    config.training.resume_every = 200
+    config.training.n_grid = 100
+    config.sample.ts = (80.0,)
+    config.eval.n_samples = 5000
+    config.eval.batch_size = 500
+    config.eval.samplers = ("1step",)
+    config.eval.features = "fashion"
+    return base.with_arg(config, arg)
