@@ -21,11 +21,9 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 
-from bench.train_step import random_frozen
-from cm import train_step
+from bench.train_step import random_step
 from cm.setup import Setup
 
 # --config is bench.train_step's flag (imported above): the same step, the same default.
@@ -75,21 +73,7 @@ def read_trace(log_dir: str) -> dict:
 
 def profile(config, steps: int, log_dir: str, k: int = 1) -> tuple[dict, float]:
     """(the Perfetto trace of `steps` calls of k steps each, wall seconds per step)."""
-    setup = Setup(config)
-    state = setup.init_state()
-    frozen, teacher_apply = random_frozen(setup, state.params)
-    step_fn = train_step.make_train_step(
-        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(config.training), setup.mesh,
-        setup.step_key, teacher_apply_fn=teacher_apply, steps_per_call=k)
-    b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
-    rng = np.random.default_rng(0)
-    host = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
-            "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
-    if config.model.num_classes > 0:
-        host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
-    batch = train_step.shard_batch(host, setup.mesh)
-    if k > 1:  # k steps' batches
-        batch = tuple(train_step.shard_batch(host, setup.mesh) for _ in range(k))
+    state, frozen, step_fn, _, batch = random_step(Setup(config), k)
     for _ in range(2):  # compile and warm up outside the trace
         state, metrics = step_fn(state, batch, frozen)
     jax.block_until_ready(metrics)

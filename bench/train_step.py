@@ -138,27 +138,35 @@ def random_frozen(setup: Setup, params):
     return frozen, teacher_apply
 
 
-def benchmark(config, steps: int, windows: int, breakdown: bool = True,
-              steps_per_call: int = 1) -> dict:
-    """Times `steps` calls per window of the step (each call `steps_per_call` steps)."""
-    setup = Setup(config)
+def random_step(setup: Setup, k: int = 1):
+    """(state, frozen inputs, the jitted step of k steps per call, a host batch, the step's
+    batch argument on the mesh) with random data of the config's shape: the step alone,
+    as `cm.train` builds it (same `Setup`, same keys)."""
+    config = setup.config
     state = setup.init_state()
     frozen, teacher_apply = random_frozen(setup, state.params)
-    ema_rates = train_step.ema_rates(config.training)
-    step_fn = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, ema_rates,
-                                         setup.mesh, setup.step_key,
-                                         teacher_apply_fn=teacher_apply,
-                                         steps_per_call=steps_per_call)
+    step_fn = train_step.make_train_step(
+        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(config.training), setup.mesh,
+        setup.step_key, teacher_apply_fn=teacher_apply, steps_per_call=k)
     b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
     host = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),
             "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
     if config.model.num_classes > 0:
         host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
-    k = steps_per_call
     batch = train_step.shard_batch(host, setup.mesh)
     if k > 1:  # k steps' batches (the same arrays: the cost is the same)
         batch = tuple(train_step.shard_batch(host, setup.mesh) for _ in range(k))
+    return state, frozen, step_fn, host, batch
+
+
+def benchmark(config, steps: int, windows: int, breakdown: bool = True,
+              steps_per_call: int = 1) -> dict:
+    """Times `steps` calls per window of the step (each call `steps_per_call` steps)."""
+    setup = Setup(config)
+    state, frozen, step_fn, host, batch = random_step(setup, steps_per_call)
+    ema_rates = train_step.ema_rates(config.training)
+    b, k = config.training.batch_size, steps_per_call
 
     t0 = time.perf_counter()
     lowered = step_fn.lower(state, batch, frozen)
