@@ -207,6 +207,13 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
                          "resumes from its own checkpoint")
     else:
         start, state = 0, init_from.initial_state(config, setup) or setup.init_state()
+    k = t.steps_per_call
+    if start % k or (stop_after is not None and stop_after % k):
+        ckpt.close()
+        raise ConfigError(f"training.steps_per_call={k} runs steps in groups of {k}, but the "
+                          f"run starts at step {start}"
+                          + (f" and stops after {stop_after}" if stop_after else "")
+                          + f", not a multiple of {k}; nothing was changed")
     n_params = nets.count_params(state.params)
     logging.info("network %s: %s parameters (%.2f M)", config.model.name, f"{n_params:,}",
                  n_params / 1e6)
@@ -216,12 +223,6 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 
-    k = t.steps_per_call
-    if start % k or (stop_after is not None and stop_after % k):
-        raise ValueError(f"training.steps_per_call={k} runs steps in groups of {k}, but the "
-                         f"run starts at step {start}"
-                         + (f" and stops after {stop_after}" if stop_after else "")
-                         + ", not a multiple of it")
     pair = pairing.Pairing(config, jax.local_device_count())
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(t), setup.mesh, setup.step_key,
