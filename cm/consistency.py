@@ -132,7 +132,7 @@ def distance(a: jax.Array, b: jax.Array, metric: str, huber_c: float,
 
     l2 and l1 are means over the pixels (the OpenAI code's convention; a constant
     factor of the squared norm); pseudo_huber is sqrt(||a - b||^2 + c^2) - c; lpips is
-    LPIPS-VGG16 (`cm.lpips`) with the weights `lpips_variables` and `cfg`'s pooling,
+    LPIPS-VGG16 (`cm.nets.lpips`) with the weights `lpips_variables` and `cfg`'s pooling,
     resize and compute dtype.
     """
     if metric == "lpips":

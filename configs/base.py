@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     cm.sigma_max = 80.0
     cm.rho = 7.0
     cm.sigma_data = 0.5
-    cm.metric = "pseudo_huber"  # l2 | l1 | pseudo_huber | lpips (VGG16, cm/lpips.py)
+    cm.metric = "pseudo_huber"  # l2 | l1 | pseudo_huber | lpips (VGG16, cm/nets/lpips.py)
     cm.lpips_vgg_path = ""  # torchvision vgg16-397923af.pth; '' = cache dir (downloaded once)
     cm.lpips_lin_path = ""  # LPIPS v0.1 vgg.pth heads; '' = cache, the lpips package, download
     cm.lpips_pool = "max"  # max (the lpips package) | avg (piq's, the OpenAI PyTorch CM code)

@@ -35,7 +35,7 @@ class Batcher:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.images = images  # uint8 [N, H, W, C]
-        # [N] int32; a streamed dataset's labels (cm.streaming.LazyLabels) stay lazy.
+        # [N] int32; a streamed dataset's labels (cm.data.streaming.LazyLabels) stay lazy.
         self.labels = np.asarray(labels, np.int32) if isinstance(labels, np.ndarray | list) \
             else labels
         self.global_batch = global_batch

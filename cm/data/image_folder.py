@@ -62,7 +62,7 @@ def load_folder(root: str, image_size: int, num_channels: int = 3, stream: str =
         when the decoded images would exceed `max_memory_gb`).
 
     Returns:
-      uint8 images `[N, S, S, C]` (a numpy array, or a `cm.streaming.LazyImages`) and
+      uint8 images `[N, S, S, C]` (a numpy array, or a `cm.data.streaming.LazyImages`) and
       int32 labels `[N]` from the subfolder names (None when all files sit in `root`).
     """
     if num_channels not in (1, 3):
