@@ -5,10 +5,11 @@ resized from 28x28 to 16x16 (bilinear). Why 16x16 and not 28x28 with a narrower 
 XLA's count for one training step at batch 64 is 8.9 GFLOP for this network (NCSN++, nf 16,
 ch_mult (1, 2, 2), one residual block per level, attention at 4x4; 0.32 M parameters);
 the same network at 28x28 costs 28.9 GFLOP, and narrowing it to the same cost leaves nf 8
-and 0.08 M parameters. The quick start (7.8 GFLOP per step) ran at 3.9-6.0 steps/s on
-this CPU; this config was measured at 1.7-2.0 steps/s (about 0.3 CPU-seconds per step) while
-the 2 cores were shared with a load average of 6.5-8 (docs/results.md), so 2,000 steps
-take an estimated 5-7 minutes on the idle machine and about 18 on the loaded one.
+and 0.08 M parameters. Measured on this 2-core CPU, shared with other work: in the
+sweep of docs/results.md the 2,000 steps took 333-597 s per run (median 3.4-6.2 steps/s
+per run at load averages of 1.6-6), plus 65-130 s to evaluate the 10 snapshots; at a
+load average of 6.5-8 it ran at 1.7-2.0 steps/s (about 18 minutes); on the idle cores the
+same network took 6.9 minutes for 2,000 CT steps, start and compilation included.
 
 Training follows iCT (Song & Dhariwal 2023) in the quick start's small-scale form: no EMA
 teacher, pseudo-Huber metric with c = 0.00054 sqrt(dim), discrete lognormal levels
@@ -16,7 +17,10 @@ teacher, pseudo-Huber metric with c = 0.00054 sqrt(dim), discrete lognormal leve
 (1280 is for 400k steps), Adam 1e-3 with 100 warmup steps, batch 64. Evaluation EMA 0.99:
 a horizon of 100 steps, 5% of the run, as the paper's 0.99993 is 3.5% of its 400k steps.
 No random flips: all footwear in Fashion-MNIST points left. Class-conditional with
-`--config.model.num_classes=10` (the labels are loaded).
+`--config.model.num_classes=10` (the labels are loaded). There is no plain-CT config:
+`--config.cm.loss=ct --config.cm.start_scales=2 --config.cm.end_scales=150
+--config.cm.start_ema=0.9` (the CIFAR-10 CT schedule) gave uniform grey images at all 10
+snapshots of 2,000 steps (`fd_fashion` 185.4-185.7, classifier score 1.0005).
 
 Evaluation: `fd_fashion`, the Fréchet distance in the penultimate features of a
 Fashion-MNIST classifier (`evaluation/fashion_net.py`), of 5,000 one-step samples against
