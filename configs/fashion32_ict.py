@@ -2,7 +2,7 @@
 
 The same training as `fashion_ict.py` (iCT in the quick start's small-scale form; see
 there), at 32x32: the 28x28 images padded with 2 pixels of background on each side (the
-LeNet-5 convention; `cm/idx.py`), which the feature network crops off again. Network:
+LeNet-5 convention; `cm/data/idx.py`), which the feature network crops off again. Network:
 NCSN++ with nf 32 (twice the CPU config's), three levels (32, 16, 8; ch_mult (1, 2, 2)),
 two residual blocks per level, attention at 8x8: 1.78 M parameters, 407 GFLOP per step
 at batch 128 (XLA's count). Batch 128, 3,000 steps, snapshots every 300.
