@@ -27,8 +27,12 @@ REPORT = "report.md"
 PLOT = "curves.png"
 VANILLA = "assignment.method=none"
 
-__all__ = ["Curve", "Reach", "arm_curves", "default_levels", "load_rows", "main",
-           "mean_curve", "plot", "speedups", "steps_to_reach", "table", "write_report"]
+__all__ = ["Curve", "Health", "Reach", "arm_curves", "default_levels", "health",
+           "load_rows", "main", "mean_curve", "plot", "speedups", "steps_to_reach", "table",
+           "write_report"]
+
+RISE = 0.5  # a run whose last value is more than 50% above its own best is unhealthy
+STALL = 2.0  # ... and one whose best stays above 2x the median best of its arm's other seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,27 @@ class Reach:
 
     step: float | None
     censored: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """The health of one run's curve (lower values are better).
+
+    `problems` is empty for a healthy run; otherwise each entry says what is wrong:
+    'ends X% above its best' (diverged or collapsed late) or 'best B never gets below
+    L' (stalled: never reached the level the other runs reach).
+    """
+
+    arm: str
+    seed: int
+    best: float
+    best_step: float
+    last: float
+    problems: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,6 +132,70 @@ def mean_curve(curves: dict[int, Curve]) -> tuple[Curve, np.ndarray, np.ndarray,
     hi = np.array([np.max(v) for v in per_step])
     count = np.array([len(v) for v in per_step])
     return Curve(steps, mean), std, lo, hi, count
+
+
+# ----------------------------------------------------------------------------------------
+# Health: runs that diverged, collapsed late or never trained.
+
+
+def health(curves: dict[str, dict[int, Curve]], rise: float = RISE,
+           stall: float = STALL) -> list[Health]:
+    """Checks every run's curve; returns one `Health` per run (arm order, then seed).
+
+    A run is unhealthy when
+    - its last value is more than `rise` (0.5: 50%) above its own best value, i.e. it got
+      worse late and did not recover (divergence, collapse); or
+    - its best value is more than `stall` (2x) the median best of the other seeds of its
+      arm, i.e. it never gets to the level the same recipe reaches with other seeds. (A
+      whole arm that is slower than another is a result, not a fault: it is compared
+      within the arm.)
+    Both read the metric as lower-is-better and positive (FID, Fréchet distances).
+
+    Example: values (6, 2, 1, 1.6): best 1, last 1.6 = 60% above it -> unhealthy.
+    """
+    out = []
+    for arm, per_seed in curves.items():
+        bests = {k: float(np.min(c.values)) for k, c in per_seed.items() if len(c.values)}
+        for seed, c in per_seed.items():
+            if seed not in bests:
+                continue
+            i = int(np.argmin(c.values))
+            best, last = bests[seed], float(c.values[-1])
+            problems = []
+            if last > (1.0 + rise) * best:
+                problems.append(f"ends {100 * (last / best - 1):.0f}% above its best "
+                                f"({_fmt(last)} at step {int(c.steps[-1])} against "
+                                f"{_fmt(best)} at step {int(c.steps[i])})")
+            others = [b for k, b in bests.items() if k != seed]
+            typical = float(np.median(others)) if others else float("inf")
+            if best > stall * typical:
+                problems.append(f"best {_fmt(best)} never gets below {_fmt(stall * typical)}"
+                                f" ({stall:g}x the median best of the arm's other seeds, "
+                                f"{_fmt(typical)})")
+            out.append(Health(arm, int(seed), best, float(c.steps[i]), last, tuple(problems)))
+    return out
+
+
+def _without(per_seed: dict[int, Curve], seeds: set[int]) -> dict[int, Curve]:
+    return {k: c for k, c in per_seed.items() if k not in seeds}
+
+
+def health_section(curves: dict[str, dict[int, Curve]], checks: Sequence[Health],
+                   rise: float = RISE, stall: float = STALL) -> str:
+    """Markdown: the unhealthy runs by name, each with its whole curve."""
+    bad = [h for h in checks if not h.ok]
+    head = (f"A run is flagged when its last value is more than {100 * rise:.0f}% above its "
+            f"own best, or when its best stays above {stall:g}x the median best of the "
+            "other seeds of its arm. Flagged runs stay in the step table and the plot (dashed), and their "
+            "seed is left out of the speed-up comparisons that involve them.")
+    if not bad:
+        return head + f"\n\nAll {len(checks)} runs are healthy."
+    lines = [head, "", f"**{len(bad)} of {len(checks)} runs flagged:**", ""]
+    for h in bad:
+        c = curves[h.arm][h.seed]
+        pts = ", ".join(f"{int(s)}: {_fmt(v)}" for s, v in zip(c.steps, c.values))
+        lines.append(f"- `{h.arm}` seed {h.seed}: {'; '.join(h.problems)}. Curve: {pts}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,24 +323,47 @@ def _speedup_cell(sp: dict) -> str:
     return head + (f" ({'; '.join(parts)})" if parts else "")
 
 
+def left_out(checks: Sequence[Health], baseline: str, arm: str) -> list[int]:
+    """Seeds whose pair (`baseline` vs `arm`) is left out of the speed-up: either run of
+    the pair is unhealthy."""
+    return sorted({h.seed for h in checks if not h.ok and h.arm in (baseline, arm)})
+
+
 def speedup_table(curves: dict[str, dict[int, Curve]], baseline: str,
-                  levels: Sequence[tuple[float, float | None]]) -> str:
-    """Markdown table of speed-ups over `baseline`, one row per level."""
+                  levels: Sequence[tuple[float, float | None]],
+                  checks: Sequence[Health] = ()) -> str:
+    """Markdown table of speed-ups over `baseline`, one row per level.
+
+    Seeds in which either the baseline's or the arm's run is unhealthy (`checks`) are
+    left out of that arm's comparison, on both sides (seeds are paired); a line under
+    the table names them. The 'vanilla steps' column is vanilla's healthy runs.
+    """
     others = [a for a in curves if a != baseline]
+    drop = {a: set(left_out(checks, baseline, a)) for a in others}
+    bad_base = {h.seed for h in checks if not h.ok and h.arm == baseline}
+    base_ok = _without(curves[baseline], bad_base) or curves[baseline]
     lines = ["| level | vanilla steps (seed mean) | " + " | ".join(f"`{a}`" for a in others)
              + " |", "|---:|---:|" + "---:|" * len(others)]
     for level, _ in levels:
-        cells = [_speedup_cell(speedups(curves[baseline], curves[a], level)) for a in others]
-        rv = steps_to_reach(mean_curve(curves[baseline])[0], level)
+        cells = []
+        for a in others:
+            v, x = _without(curves[baseline], drop[a]), _without(curves[a], drop[a])
+            cells.append(_speedup_cell(speedups(v, x, level)) if v and x
+                         else "no healthy pair")
+        rv = steps_to_reach(mean_curve(base_ok)[0], level)
         vs = "never" if rv.step is None else f"{rv.step:.0f}"
         lines.append(f"| {_fmt(level)} | {vs} | " + " | ".join(cells) + " |")
+    notes = [f"`{a}`: seed(s) {', '.join(map(str, sorted(d)))} left out (an unhealthy run "
+             "in the pair)" for a, d in drop.items() if d]
+    if notes:
+        lines += ["", "Pairs left out: " + "; ".join(notes) + "."]
     return "\n".join(lines)
 
 
 def plot(curves: dict[str, dict[int, Curve]], path: str, metric: str, sampler: str,
-         title: str = "") -> str:
+         title: str = "", checks: Sequence[Health] = ()) -> str:
     """Metric vs training step: the seed mean of each arm and its min-max band (log y-axis
-    when the values span more than 5x)."""
+    when the values span more than 5x); unhealthy runs (`checks`) dashed, by name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,6 +375,11 @@ def plot(curves: dict[str, dict[int, Curve]], path: str, metric: str, sampler: s
         (line,) = ax.plot(mc.steps, mc.values, marker="o", ms=3,
                           label=f"{arm} ({len(per_seed)} seeds)")
         ax.fill_between(mc.steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        for h in checks:
+            if h.arm == arm and not h.ok:
+                c = per_seed[h.seed]
+                ax.plot(c.steps, c.values, ls="--", lw=1, color=line.get_color(),
+                        label=f"{arm} seed {h.seed} (flagged)")
     vals = np.concatenate([c.values for per_seed in curves.values() for c in per_seed.values()])
     if vals.size and vals.min() > 0 and vals.max() / vals.min() > 5:
         ax.set_yscale("log")  # early values dwarf the differences that matter late
@@ -286,8 +403,10 @@ def _pick_metric(rows: Sequence[dict]) -> str:
 
 def write_report(root: str, metric: str | None = None, sampler: str = "1step",
                  baseline: str | None = None, levels: Sequence[float] | None = None,
-                 max_levels: int = 6, out_dir: str | None = None) -> tuple[str, str]:
-    """Writes `report.md` and `curves.png` of a sweep root; returns their paths.
+                 max_levels: int = 6, out_dir: str | None = None, rise: float = RISE,
+                 stall: float = STALL) -> tuple[str, str, list[Health]]:
+    """Writes `report.md` and `curves.png` of a sweep root; returns their paths and the
+    health of every run.
 
     Args:
       root: the sweep root.
@@ -298,6 +417,7 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
       levels: quality levels of the speed-up (default: `default_levels` of vanilla).
       max_levels: at most this many default levels.
       out_dir: where to write (default: `root`).
+      rise, stall: the health check's thresholds (see `health`).
 
     Raises:
       ValueError: no rows, no rows of this metric/sampler, or no baseline arm.
@@ -318,8 +438,10 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
     curves = {baseline: curves[baseline], **{a: c for a, c in curves.items() if a != baseline}}
     out_dir = out_dir or root
     os.makedirs(out_dir, exist_ok=True)
-    png = plot(curves, os.path.join(out_dir, PLOT), metric, sampler)
-    base_mean = mean_curve(curves[baseline])[0]
+    checks = health(curves, rise, stall)
+    png = plot(curves, os.path.join(out_dir, PLOT), metric, sampler, checks=checks)
+    bad_base = {h.seed for h in checks if not h.ok and h.arm == baseline}
+    base_mean = mean_curve(_without(curves[baseline], bad_base) or curves[baseline])[0]
     lv = ([(float(x), None) for x in levels] if levels
           else default_levels(base_mean, max_levels))
     n_seeds = {a: len(c) for a, c in curves.items()}
@@ -329,6 +451,7 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           f"![{metric} vs steps]({PLOT})", "",
           "Curves: seed mean, band = min-max over seeds.", "",
           f"## {metric} at each evaluated step (mean ± std over seeds)", "", table(curves), "",
+          "## Run health", "", health_section(curves, checks, rise, stall), "",
           f"## Speed-up over `{baseline}`", "",
           "Speed-up at a level = steps vanilla needs to reach it / steps the arm needs, "
           "each read off a curve by linear interpolation between evaluated steps. The "
@@ -345,11 +468,11 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
     elif len(curves) < 2:
         md.append("Only one arm: nothing to compare.")
     else:
-        md.append(speedup_table(curves, baseline, lv))
+        md.append(speedup_table(curves, baseline, lv, checks))
     path = os.path.join(out_dir, REPORT)
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
-    return path, png
+    return path, png, checks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,15 +486,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="comma-separated quality levels (default: from vanilla's curve)")
     p.add_argument("--max-levels", type=int, default=6)
     p.add_argument("--out", default=None, help="output folder (default: --root)")
+    p.add_argument("--rise", type=float, default=RISE,
+                   help="flag runs ending more than this fraction above their best")
+    p.add_argument("--stall", type=float, default=STALL,
+                   help="flag runs whose best exceeds this multiple of the median best")
     args = p.parse_args(argv)
     levels = [float(x) for x in args.levels.split(",") if x.strip()] or None
     try:
-        md, png = write_report(args.root, args.metric, args.sampler, args.baseline, levels,
-                               args.max_levels, args.out)
+        md, png, checks = write_report(args.root, args.metric, args.sampler, args.baseline, levels,
+                               args.max_levels, args.out, args.rise, args.stall)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {md} and {png}")
+    for h in checks:
+        if not h.ok:
+            print(f"unhealthy run: {h.arm} seed {h.seed}: {'; '.join(h.problems)}")
     return 0
 
 

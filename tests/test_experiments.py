@@ -249,7 +249,7 @@ def _fake_sweep(root: str) -> None:
 def test_report_writes_png_and_tables(tmp_path):
     root = str(tmp_path)
     _fake_sweep(root)
-    md_path, png = report.write_report(root)
+    md_path, png, checks = report.write_report(root)
     assert os.path.getsize(png) > 1000
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -261,10 +261,65 @@ def test_report_writes_png_and_tables(tmp_path):
     assert "not reached" in md  # knn is slower: it misses vanilla's best level
     assert "×" in md  # linear reaches it: a number
     # 2step rows and an explicit level.
-    md2, _ = report.write_report(root, sampler="2step", levels=[10.0], out_dir=str(tmp_path / "o"))
+    md2, _, _ = report.write_report(root, sampler="2step", levels=[10.0], out_dir=str(tmp_path / "o"))
     assert "| 10 |" in open(md2).read()
 
 
 def test_report_cli_errors(tmp_path, capsys):
     assert report.main(["--root", str(tmp_path)]) == 2
     assert "no eval rows" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------
+# Run health.
+
+
+def test_health_flags_a_diverging_curve_and_passes_healthy_ones():
+    steps = np.arange(0, 801, 50)
+    healthy = 6.0 * np.exp(-steps / 150) + 0.3  # decreases, flattens
+    noisy = healthy * (1 + 0.1 * np.sin(steps))  # wiggles within 10%
+    diverging = np.where(steps <= 300, healthy, 6.0 * np.exp(-300 / 150) + 0.3
+                         + (steps - 300) * 0.01)  # best 1.11 at step 300, then up to 6.1
+    stalled = 2.0 + 0.0 * steps  # flat: never gets near the others' ~0.3
+    curves = {"a": {0: _curve(steps, healthy), 1: _curve(steps, noisy),
+                    2: _curve(steps, diverging), 3: _curve(steps, stalled)}}
+    checks = {h.seed: h for h in report.health(curves)}
+    assert checks[0].ok and checks[1].ok
+    assert not checks[2].ok and "above its best" in checks[2].problems[0]
+    assert checks[2].best_step == 300
+    assert not checks[3].ok and "never gets below" in checks[3].problems[0]
+    # The threshold is the issue's: ending 49% above the best passes, 51% does not.
+    for end, ok in ((1.49, True), (1.51, False)):
+        c = {"a": {0: _curve([0, 100, 200], [5.0, 1.0, end])}}
+        assert report.health(c)[0].ok is ok
+
+
+def test_a_slower_arm_is_a_result_not_an_unhealthy_run():
+    steps = np.arange(0, 401, 100)
+    curves = {"fast": {k: _curve(steps, 40 * np.exp(-steps / 100) + 1 + 0.1 * k)
+                       for k in range(3)},
+              "slow": {k: _curve(steps, 40 * np.exp(-steps / 400) + 1 + 0.1 * k)
+                       for k in range(3)}}
+    assert all(h.ok for h in report.health(curves))
+
+
+def test_report_flags_unhealthy_runs_and_leaves_their_pairs_out(tmp_path):
+    root = str(tmp_path)
+    _fake_sweep(root)
+    # Vanilla seed 2 collapses after step 200: replace its rows.
+    wd = os.path.join(root, "assignment.method=none", "seed2")
+    with open(os.path.join(wd, "eval.jsonl"), "w") as f:
+        for s, v in ((100, 16.0), (200, 8.0), (300, 20.0), (400, 40.0)):
+            f.write(json.dumps({"step": s, "sampler": "1step", "metric": "fd_pixels",
+                                "fd_pixels": v}) + "\n")
+    md_path, _, checks = report.write_report(root)
+    bad = [(h.arm, h.seed) for h in checks if not h.ok]
+    assert bad == [("assignment.method=none", 2)]
+    md = open(md_path).read()
+    assert "1 of 9 runs flagged" in md
+    assert "`assignment.method=none` seed 2: ends 400% above its best" in md
+    assert "100: 16, 200: 8, 300: 20, 400: 40" in md  # its curve, by name
+    assert "Pairs left out: " in md and "`assignment.method=linear`: seed(s) 2 left out" in md
+    # Only seeds 0 and 1 are paired now.
+    assert "2/2 pairs" in md and "3/3 pairs" not in md
+    assert report.main(["--root", root]) == 0
