@@ -28,7 +28,7 @@ class Setup:
         self.mesh = train_step.make_mesh()
         self.module = nets.build_model(config)
         self.apply_fn = nets.make_apply_fn(self.module)
-        self.tx = train_step.make_optimizer(config.optim)
+        self.tx = train_step.make_optimizer(config.optim, config.training.n_iters)
         s, c = config.data.image_size, config.data.num_channels
         self.image_shape = (s, s, c)
         key = jax.random.PRNGKey(config.training.seed)

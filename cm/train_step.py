@@ -64,12 +64,40 @@ def ema_rates(training: ml_collections.ConfigDict) -> tuple[float, ...]:
     return rates
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """RAdam or Adam with linear warmup and optional global-norm clipping."""
-    if optim.warmup > 0:
-        lr = optax.linear_schedule(0.0, optim.lr, optim.warmup)
-    else:
-        lr = optim.lr
+DECAYS = ("none", "cosine", "linear")
+
+
+def learning_rate(optim: ml_collections.ConfigDict, total_steps: int = 0):
+    """The learning rate: `optim.lr` after a linear warmup of `optim.warmup` steps, then
+    constant (`optim.decay=none`) or falling to `optim.final_lr * optim.lr` at step
+    `total_steps` along a half cosine or a straight line (and constant after it).
+
+    Returns a float (constant, no warmup) or an optax schedule of the step.
+    """
+    decay = optim.get("decay", "none")
+    if decay not in DECAYS:
+        raise ValueError(f"optim.decay must be one of {DECAYS}, got {decay!r}")
+    if decay == "none":
+        return optax.linear_schedule(0.0, optim.lr, optim.warmup) if optim.warmup > 0 \
+            else optim.lr
+    if total_steps <= optim.warmup:
+        raise ValueError(f"optim.decay={decay} needs more training steps ({total_steps}) "
+                         f"than optim.warmup ({optim.warmup})")
+    end = optim.lr * optim.get("final_lr", 0.0)
+    n = total_steps - optim.warmup
+    tail = (optax.cosine_decay_schedule(optim.lr, n, alpha=end / optim.lr) if decay == "cosine"
+            else optax.linear_schedule(optim.lr, end, n))
+    if optim.warmup == 0:
+        return tail
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, optim.warmup), tail], [optim.warmup])
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   total_steps: int = 0) -> optax.GradientTransformation:
+    """RAdam or Adam with the `learning_rate` schedule (warmup, decay over `total_steps`,
+    the run's `training.n_iters`) and optional global-norm clipping."""
+    lr = learning_rate(optim, total_steps)
     makers = {"adam": optax.adam, "radam": optax.radam}
     if optim.optimizer not in makers:
         raise ValueError(f"unknown optim.optimizer {optim.optimizer!r}; "

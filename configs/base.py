@@ -97,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.eps = 1e-8
     optim.weight_decay = 0.0
     optim.warmup = 0  # linear warmup steps
+    optim.decay = "none"  # none | cosine | linear: lr falls to final_lr * lr at training.n_iters
+    optim.final_lr = 0.0  # the decay's end, as a fraction of optim.lr
     optim.grad_clip = 0.0  # global-norm clip; 0 = off
 
     # Training loop.

@@ -186,14 +186,14 @@ def health_section(curves: dict[str, dict[int, Curve]], checks: Sequence[Health]
     bad = [h for h in checks if not h.ok]
     head = (f"A run is flagged when its last value is more than {100 * rise:.0f}% above its "
             f"own best, or when its best stays above {stall:g}x the median best of the "
-            "other seeds of its arm. Flagged runs stay in the step table and the plot (dashed), and their "
-            "seed is left out of the speed-up comparisons that involve them.")
+            "other seeds of its arm. Flagged runs stay in the step table and the plot "
+            "(dashed), and their seed is left out of the speed-up comparisons that involve them.")
     if not bad:
         return head + f"\n\nAll {len(checks)} runs are healthy."
     lines = [head, "", f"**{len(bad)} of {len(checks)} runs flagged:**", ""]
     for h in bad:
         c = curves[h.arm][h.seed]
-        pts = ", ".join(f"{int(s)}: {_fmt(v)}" for s, v in zip(c.steps, c.values))
+        pts = ", ".join(f"{int(s)}: {_fmt(v)}" for s, v in zip(c.steps, c.values, strict=True))
         lines.append(f"- `{h.arm}` seed {h.seed}: {'; '.join(h.problems)}. Curve: {pts}")
     return "\n".join(lines)
 

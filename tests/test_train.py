@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -250,3 +251,32 @@ def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path)
     config.training.log_every = 2
     with pytest.raises(ValueError, match="multiple of 3"):
         train.validate(config)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_learning_rate_warmup_then_decay_matches_the_formula(decay):
+    """The schedule against the formulas in NumPy: linear warmup 0 -> lr over W steps, then
+    lr * (f + (1 - f) * d(t)) with d = (1 + cos(pi t)) / 2 or 1 - t, t = (step - W) / (T - W)."""
+    optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup": 100, "decay": decay,
+                                       "final_lr": 0.1})
+    sched = train_step.learning_rate(optim, total_steps=800)
+    steps = np.array([0, 50, 100, 101, 300, 450, 799, 800, 900])
+    t = np.clip((steps - 100) / 700, 0, 1)
+    d = (1 + np.cos(np.pi * t)) / 2 if decay == "cosine" else 1 - t
+    want = np.where(steps < 100, 1e-3 * steps / 100, 1e-3 * (0.1 + 0.9 * d))
+    got = np.array([float(sched(s)) for s in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    assert got[-1] == pytest.approx(1e-4)  # ends at final_lr * lr, and stays there
+
+
+def test_learning_rate_constant_and_bad_settings():
+    optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup": 0, "decay": "none",
+                                       "final_lr": 0.0})
+    assert train_step.learning_rate(optim, 800) == 1e-3
+    optim.decay = "cosine"
+    assert float(train_step.learning_rate(optim, 800)(400)) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="more training steps"):
+        train_step.learning_rate(optim, 0)
+    optim.decay = "step"
+    with pytest.raises(ValueError, match="optim.decay must be one of"):
+        train_step.learning_rate(optim, 800)
