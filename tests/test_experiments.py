@@ -261,7 +261,8 @@ def test_report_writes_png_and_tables(tmp_path):
     assert "not reached" in md  # knn is slower: it misses vanilla's best level
     assert "×" in md  # linear reaches it: a number
     # 2step rows and an explicit level.
-    md2, _, _ = report.write_report(root, sampler="2step", levels=[10.0], out_dir=str(tmp_path / "o"))
+    md2, _, _ = report.write_report(root, sampler="2step", levels=[10.0],
+                                    out_dir=str(tmp_path / "o"))
     assert "| 10 |" in open(md2).read()
 
 
