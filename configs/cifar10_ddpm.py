@@ -11,7 +11,7 @@ without assignment on the ddpm-torch code base and plots DDIM FID against traini
 - Network: the DDPM CIFAR-10 U-Net (Ho et al., Appendix B; official code `run_cifar.py`
   and ddpm-torch `cifar10.json`): ch 128, ch_mult (1,2,2,2), 2 residual blocks per level,
   self-attention at 16x16, dropout 0.1, sinusoidal timestep embedding, GroupNorm,
-  strided-conv downsampling. `model.name=ddpm_unet` (cm/ddpm_unet.py) has 35,746,307
+  strided-conv downsampling. `model.name=ddpm_unet` (cm/nets/ddpm_unet.py) has 35,746,307
   parameters, the published "35.7 million" (Appendix B). NCSN++ with DDPM blocks, no FIR,
   positional embedding and no input pyramid would have 35,218,947: it attends once per
   decoder level where DDPM attends after each of the three blocks at 16x16.

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, data, ddpm, losses, sample_run, solvers, train, workdir
+from cm import consistency, data, ddpm, losses, nets, sample_run, solvers, train, workdir
 from tests.helpers import tiny_config
 
 T = 1000
@@ -352,3 +352,19 @@ def test_with_assignment_the_loss_sees_permuted_eps_and_untouched_images(method,
         assert moved == 0
     else:
         assert moved > 0
+
+
+@pytest.mark.parametrize("name, n_params", [("cifar10_ddpm", 35_746_307),
+                                            ("digits_ddpm", 701_345),
+                                            ("fashion_ddpm", 280_177)])
+def test_ddpm_configs_have_the_parameter_counts_their_docs_state(name, n_params):
+    """The counts quoted in the configs and the README, from the shapes alone (no init)."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.cm.loss == "ddpm" and config.model.name == "ddpm_unet"
+    module = nets.build_model(config)
+    shapes = jax.eval_shape(lambda: nets.init_params(module, jax.random.PRNGKey(0), config))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == n_params
+    doc = importlib.import_module(f"configs.{name}").__doc__
+    assert f"{n_params:,}" in doc
