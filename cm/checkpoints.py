@@ -30,6 +30,14 @@ PyTree = Any
 DAMAGED_DIR = "damaged"
 RESUME_KEEP = 2  # frequent checkpoints kept: the newest may already be diverging
 
+# Each replicated array is written by its first replica (orbax's replica_id 0), not split
+# across all replicas (orbax's default "replica-parallel" save): that split costs one eager
+# slice per array and device, thousands per save of the train state on 8 devices (on 8
+# simulated CPU devices 5 s per save against 1.2 s without it), to parallelise host copies
+# that take milliseconds. What is written, and so restoring, is the same either way.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
 
 class CheckpointError(RuntimeError):
     """No checkpoint in the workdir could be restored; the message says why."""

@@ -159,8 +159,12 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     config = cifar10_cd.get_config("smoke")
     config.data, config.model = small.data, small.model
     config.cm.metric = "pseudo_huber"  # LPIPS needs RGB; the digits are grey
-    config.training.n_iters, config.training.snapshot_every = 3, 3
+    # Snapshots at every step: step 1's is read below (keep_snapshots = 3).
+    config.training.n_iters, config.training.snapshot_every = 3, 1
     config.training.sample_every = 0
+    # A fast EMA: at 0.9999 the EMA after one update is within float32 tolerance of the
+    # teacher whether or not it saw the updated parameters (checked below).
+    config.training.ema_rates = (0.9,)
     config.cm.teacher_workdir = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="train the EDM teacher"):
         train.train(config, str(tmp_path / "cd_missing"))
@@ -180,16 +184,14 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     assert last["step"] == 3 and np.isfinite(last["loss"])
     assert last["num_scales"] == 18 and last["mu"] == 0.0  # CIFAR-10 CD: target = online
 
-    # The same path in train(): after one real update the EMA is r * teacher + (1 - r) *
-    # online and the target (mu = 0) is the online network.
-    one = cifar10_cd.get_config("smoke")
-    one.data, one.model, one.cm = small.data, small.model, config.cm
-    one.training.n_iters, one.training.snapshot_every, one.training.sample_every = 1, 1, 0
-    train.train(one, str(tmp_path / "cd1"))
-    ckpt = checkpoints.Checkpointer(str(tmp_path / "cd1"))
-    state = ckpt.restore(setup_lib.Setup(one).abstract_state())
+    # The same path in train(): after one real update (the run's step-1 snapshot) the EMA
+    # is r * teacher + (1 - r) * online and the target (mu = 0) is the online network.
+    ckpt = checkpoints.Checkpointer(str(tmp_path / "cd"))
+    assert ckpt.snapshot_steps() == [1, 2, 3]
+    state = ckpt.restore(setup_lib.Setup(config).abstract_state(), step=1)
     ckpt.close()
-    (rate,) = one.training.ema_rates
+    assert int(state.step) == 1
+    (rate,) = config.training.ema_rates
     moved = 0.0
     for t, p, tg, e in zip(want, _leaves(state.params), _leaves(state.target_params),
                            _leaves(state.ema_params[0]), strict=True):
