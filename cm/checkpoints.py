@@ -15,6 +15,7 @@ workdir must be on a filesystem that all hosts share (NFS, Lustre, a Filestore o
 GCS FUSE mount on TPU VMs).
 """
 
+import logging as pylogging
 import os
 import shutil
 import sys
@@ -62,6 +63,25 @@ def _ignore_closed_event_loop_noise() -> None:
 
     hook.drops_closed_event_loop = True
     sys.unraisablehook = hook
+
+    # The same echo by other routes: the error printed from tensorstore's callback thread
+    # (sys.excepthook), and asyncio's 'Future exception was never retrieved' for the failed
+    # reads, logged when the futures are collected (often at exit, after the real error).
+    previous_excepthook = sys.excepthook
+
+    def excepthook(kind, error, tb):
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous_excepthook(kind, error, tb)
+
+    sys.excepthook = excepthook
+    pylogging.getLogger("asyncio").addFilter(_drop_unretrieved_read_errors)
+
+
+def _drop_unretrieved_read_errors(record: pylogging.LogRecord) -> bool:
+    message = str(record.msg)
+    return not (message.startswith(("Future exception was never retrieved",
+                                    "Task exception was never retrieved"))
+                and ("tensorstore_spec" in message or "async_deserialize" in message))
 
 
 def _first_line(error: BaseException) -> str:
@@ -143,12 +163,13 @@ class Checkpointer:
           CheckpointError: there are checkpoints but none of them restores.
         """
         damaged = []
+        # Before the first try: a failed read can echo before its exception reaches us.
+        _ignore_closed_event_loop_noise()
         for step, manager in self._newest_first():
             path = os.path.join(str(manager.directory), str(step))
             try:
                 state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
             except Exception as e:  # noqa: BLE001 - any failure: try the next newest
-                _ignore_closed_event_loop_noise()
                 logging.warning("checkpoint %s cannot be restored (%s); trying the next "
                                 "newest", path, _first_line(e))
                 damaged.append((path, e))
