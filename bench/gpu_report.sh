@@ -23,7 +23,7 @@
 # throughput runs reuse the bare step's program. Each python call has its own limit
 # (LIMIT seconds); the script ends with the list of calls that failed, exit status 1.
 #   pip install -r requirements.txt "jax[cuda12]==0.10.2" && SECTIONS="ct fid" bash bench/gpu_report.sh
-# SMOKE=1 runs every command with the :smoke networks at batch 16 on whatever backend is
+# SMOKE=1 runs every command with the :smoke networks at batch 8 on whatever backend is
 # present (tests/test_bench.py runs it on the CPU, so the command lines stay valid).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +36,7 @@ SECTIONS="${SECTIONS:-ct fid edm huber}"
 DTYPES="${DTYPES:-bfloat16 float32}"  # of the ct section
 LIMIT="${LIMIT:-400}"  # seconds per call; the first CT compile alone took ~2.5 min
 if [[ -n "${SMOKE:-}" ]]; then
-  BATCH=16 SMALL=8 SUFFIX=":smoke" TT=(--smoke) STEPS=1 WINDOWS=1 FID=(--n 16 --batch-size 8)
+  BATCH=8 SMALL=4 SUFFIX=":smoke" TT=(--smoke) STEPS=1 WINDOWS=1 FID=(--n 8 --batch-size 4)
 else
   BATCH=512 SMALL=256 SUFFIX="" TT=() STEPS=5 WINDOWS=2 FID=(--n 10000 --batch-size 500)
 fi

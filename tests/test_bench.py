@@ -12,11 +12,18 @@ import pytest
 
 from bench import train_step as bench_step
 from bench import train_throughput
+from tests.helpers import MINIMAL_NET, override
 
 
 @pytest.fixture(scope="module")
 def images():
     return np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+
+
+def small():
+    """3x32x32 images at batch 16 through the smallest NCSN++ (the bench's plumbing is
+    tested, not the network): one compiled step that the tests share."""
+    return override(train_throughput.cifar_shaped(16), **MINIMAL_NET)
 
 
 def rows(text: str) -> dict:
@@ -30,7 +37,7 @@ def rows(text: str) -> dict:
 
 
 def test_throughput_shares_one_program_across_host_methods(images, capsys):
-    config = train_throughput.cifar_shaped(16)
+    config = small()
     ok = train_throughput.bench_config("cifar", config, images,
                                        ["none", "linear", "knn@device"], steps=1, windows=1)
     text = capsys.readouterr().out
@@ -45,7 +52,7 @@ def test_throughput_shares_one_program_across_host_methods(images, capsys):
 
 def test_throughput_skips_a_step_larger_than_the_device(images, capsys, monkeypatch):
     monkeypatch.setattr(bench_step, "device_limit", lambda: 1024.0)
-    ok = train_throughput.bench_config("cifar", train_throughput.cifar_shaped(16), images,
+    ok = train_throughput.bench_config("cifar", small(), images,
                                        ["none", "linear"], steps=1, windows=1)
     text = capsys.readouterr().out
     assert not ok
@@ -54,7 +61,7 @@ def test_throughput_skips_a_step_larger_than_the_device(images, capsys, monkeypa
 
 
 def test_train_step_bench_reports_flops_memory_and_breakdown():
-    config = train_throughput.cifar_shaped(16)
+    config = small()
     config.data.name = "digits"  # the bench builds its own random batch of this shape
     config.data.image_size, config.data.num_channels = 32, 3
     r = bench_step.benchmark(config, steps=1, windows=1)
@@ -68,7 +75,7 @@ def test_train_step_bench_reports_flops_memory_and_breakdown():
 
 def test_train_step_bench_refuses_a_step_larger_than_the_device(monkeypatch):
     monkeypatch.setattr(bench_step, "device_limit", lambda: 1024.0)
-    config = train_throughput.cifar_shaped(16)
+    config = small()
     with pytest.raises(SystemExit, match="device limit 0.00 GiB.*more than the 0.0 GiB"):
         bench_step.benchmark(config, steps=1, windows=1, breakdown=False)
 
@@ -81,7 +88,7 @@ def test_throughput_reports_running_out_of_memory(images, capsys, monkeypatch):
         return run, {"s": 0.0}
 
     monkeypatch.setattr(train_throughput, "make_runner", oom_runner)
-    ok = train_throughput.bench_config("cifar", train_throughput.cifar_shaped(16), images,
+    ok = train_throughput.bench_config("cifar", small(), images,
                                        ["none", "linear"], steps=1, windows=1)
     text = capsys.readouterr().out
     assert not ok

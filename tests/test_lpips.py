@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from cm.nets import lpips as cm_lpips
 from evaluation import weights
+from tests.helpers import MINIMAL_NET, override
 
 lpips = pytest.importorskip("lpips")
 
@@ -279,7 +280,7 @@ def _rgb_config(tmp_path, size=16):
     config = cifar10_ct.get_config("smoke")
     assert config.cm.metric == "lpips" and config.cm.lpips_resize == 0
     config.data.name, config.data.path, config.data.image_size = "npz", str(path), size
-    config.model.attn_resolutions = (size // 2,)
+    override(config, **MINIMAL_NET)  # the smallest NCSN++: LPIPS is what is tested
     config.training.n_iters, config.training.snapshot_every = 2, 2
     config.training.sample_every, config.training.resume_every = 0, 0
     return config

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -103,8 +102,7 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(
 def run_main(config_file, run_dir, **kwargs):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
                # The test process's compilation cache (conftest): compiled once for all.
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
-                                                      "immiscible_cm_test_jax_cache"),
+               JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     return subprocess.Popen([sys.executable, "main.py", "--config", config_file,
                              "--workdir", run_dir], cwd=ROOT, env=env, text=True, **kwargs)

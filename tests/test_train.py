@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from cm import checkpoints, consistency, data, nets, sample_run, train, train_step, workdir
 from cm.setup import Setup
-from tests.helpers import tiny_config
+from tests.helpers import QUICKSTART_NET, tiny_config
 
 
 def read_metrics(run_dir):
@@ -66,7 +66,7 @@ def test_train_writes_checkpoints_grids_and_metrics(uninterrupted):
     assert checkpoints.Checkpointer(run_dir).snapshot_steps() == [3, 6]
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
     saved = workdir.load_config(run_dir)
-    assert saved.model.ch_mult == (1, 2) and saved.training.n_iters == 6
+    assert saved.model.ch_mult == (1,) and saved.training.n_iters == 6
 
 
 def test_resume_is_bitwise_identical(uninterrupted, tmp_path):
@@ -107,8 +107,13 @@ def test_sample_mode_writes_npz_and_grid(uninterrupted):
 
 
 def test_train_on_mock_cifar10(tmp_path):
+    """The CIFAR-10 path (tfds, RGB, flips) with the quickstart's network parts (two
+    levels, attention, FIR, residual progressive input): the one end-to-end run of the
+    whole architecture; the other runs use tiny_config's one-level network."""
     config = tiny_config(
         **{
+            **QUICKSTART_NET,
+            "model.attn_resolutions": (16,),
             "data.name": "cifar10",
             "data.image_size": 32,
             "data.num_channels": 3,
@@ -117,7 +122,6 @@ def test_train_on_mock_cifar10(tmp_path):
             "training.snapshot_every": 2,
         }
     )
-    config.model.attn_resolutions = (16,)
     with tfds.testing.mock_data(num_examples=24):
         train.train(config, str(tmp_path))
     assert checkpoints.Checkpointer(str(tmp_path)).snapshot_steps() == [2]
@@ -220,7 +224,7 @@ def test_saved_config_from_an_older_version_gets_new_fields(tmp_path):
     json.dump(saved, open(path, "w"))
     loaded = workdir.load_config(str(tmp_path))
     assert loaded.data.stream == "auto" and loaded.sample.label == -1
-    assert loaded.model.ch_mult == (1, 2) and loaded.training.ema_rates == (0.99,)
+    assert loaded.model.ch_mult == (1,) and loaded.training.ema_rates == (0.99,)
 
 
 def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path):
@@ -232,16 +236,17 @@ def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path)
     full_dir, _ = uninterrupted
     config = tiny_config(**{"training.sample_every": 3, "training.steps_per_call": 3,
                             "training.log_every": 3})
-    last = train.train(config, str(tmp_path))
+    k3_dir = str(tmp_path / "k3")
+    last = train.train(config, k3_dir)
     assert last["step"] == 6
     by_step = {r["step"]: r for r in read_metrics(full_dir)}
-    rows = read_metrics(str(tmp_path))
+    rows = read_metrics(k3_dir)
     assert [r["step"] for r in rows] == [3, 6]
     assert rows[0]["loss"] == by_step[3]["loss"]
     for r in rows:
         assert r["loss"] == pytest.approx(by_step[r["step"]]["loss"], rel=1e-6)
         assert r["grad_norm"] == pytest.approx(by_step[r["step"]]["grad_norm"], rel=1e-5)
-    a, b = final_params(full_dir, config), final_params(str(tmp_path), config)
+    a, b = final_params(full_dir, config), final_params(k3_dir, config)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     moved = final_params(full_dir, config).params
