@@ -24,4 +24,4 @@ jax.config.update(
     os.environ.get("JAX_COMPILATION_CACHE_DIR")
     or os.path.join(tempfile.gettempdir(), "immiscible_cm_test_jax_cache"),
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

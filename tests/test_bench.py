@@ -97,9 +97,12 @@ def test_throughput_reports_running_out_of_memory(images, capsys, monkeypatch):
 
 def test_gpu_report_command_lines_run(tmp_path):
     """bench/gpu_report.sh (run rarely, on a borrowed GPU) with its :smoke networks on the
-    CPU: every command line it builds parses and runs (ct in bfloat16, and fid)."""
+    CPU: the command lines of its `ct` section (the bare step and the throughput through
+    the input path, the modules and flags the `assign`, `edm` and `huber` sections use
+    too) parse and run, in bfloat16. The `fid` section's command (bench/fid.py, last run
+    on the H200 as it stands) is left out here: 14 s of Inception on the CPU."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, SMOKE="1", SECTIONS="ct fid", DTYPES="bfloat16",
+    env = dict(os.environ, SMOKE="1", SECTIONS="ct", DTYPES="bfloat16",
                PYTHON=sys.executable, LIMIT="300",
                JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir))
     proc = subprocess.run(["bash", os.path.join(root, "bench", "gpu_report.sh")], env=env,
@@ -110,4 +113,3 @@ def test_gpu_report_command_lines_run(tmp_path):
     assert "step memory:" in out and "GFLOP/step" in out and "optimiser + EMA update" in out
     assert "host time per step:" in out
     assert re.search(r"cifar10_ct\s+linear\s+[\d.]+\s+[\d.]+", out), out
-    assert "flax pool_features" in out
