@@ -198,10 +198,10 @@ def test_batches_do_not_depend_on_the_process_count(global_batch):
 
 def test_missing_process_fails_within_timeout(tmp_path):
     """num_processes=2 with one process started, and a coordinator nobody runs: both
-    give up after --initialization_timeout with a message that says what to check."""
+    give up after --initialization_timeout (4 s) with a message that says what to check."""
     port, dead_port = free_port(), free_port()
     common = [sys.executable, "main.py", "--config", "configs/quickstart.py:smoke",
-              "--num_processes=2", "--initialization_timeout=8"]
+              "--num_processes=2", "--initialization_timeout=4"]
     t0 = time.monotonic()
     alone, orphan = launch([
         common + ["--workdir", str(tmp_path / "a"), "--process_id=0",
@@ -211,7 +211,7 @@ def test_missing_process_fails_within_timeout(tmp_path):
     ], devices=1, timeout=90)
     elapsed = time.monotonic() - t0
     assert alone.returncode == orphan.returncode == distributed.EXIT_TIMEOUT
-    assert "timed out after 8s" in alone.stderr
+    assert "timed out after 4s" in alone.stderr
     assert "not all 2 processes connected" in alone.stderr
     assert "cannot be reached" in orphan.stderr
     assert "Traceback" not in alone.stderr + orphan.stderr
