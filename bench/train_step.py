@@ -121,12 +121,12 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def random_frozen(setup: Setup, params):
-    """The step's frozen inputs with random weights (the same cost as trained ones).
+    """The step's frozen inputs (its key, and random weights: the same cost as trained ones).
 
     Returns (frozen, teacher_apply_fn): for CD a teacher of the student's shape (a copy
     of `params`), for `cm.metric=lpips` randomly initialised LPIPS weights.
     """
-    teacher_apply, frozen = None, {}
+    teacher_apply, frozen = None, {"step_key": setup.step_key}
     if setup.cm.loss == "cd":
         teacher_apply = setup.apply_fn
         frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, params)
@@ -147,7 +147,7 @@ def random_step(setup: Setup, k: int = 1):
     frozen, teacher_apply = random_frozen(setup, state.params)
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(config.training), setup.mesh,
-        setup.step_key, teacher_apply_fn=teacher_apply, steps_per_call=k)
+        teacher_apply_fn=teacher_apply, steps_per_call=k)
     b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
     host = {"x": rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32),

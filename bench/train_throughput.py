@@ -77,7 +77,7 @@ class Shared:
             s = self.setup
             step = train_step.make_train_step(
                 s.apply_fn, s.cm, s.tx, train_step.ema_rates(s.config.training), s.mesh,
-                s.step_key, device_assign=pair.device_fn)
+                device_assign=pair.device_fn)
             compiled = step.lower(self.holder["state"], batch, self.frozen).compile()
             self.compiled[key] = (compiled, *memory_line(compiled))
         return (*self.compiled[key], new)

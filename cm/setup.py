@@ -32,26 +32,28 @@ class Setup:
         s, c = config.data.image_size, config.data.num_channels
         self.image_shape = (s, s, c)
         key = jax.random.PRNGKey(config.training.seed)
-        self.init_key, self.step_key, sample_key = jax.random.split(key, 3)
         self.replicated = NamedSharding(self.mesh, P())
-        # Already where the sampler wants it: no device-to-device copy at every grid.
-        self.sample_key = jax.device_put(sample_key, self.replicated)
+        # Arguments of the compiled programs, never constants in them (the seed does not
+        # change a program), and already where the programs want them: no
+        # device-to-device copy at every step or grid.
+        self.init_key, self.step_key, self.sample_key = jax.device_put(
+            tuple(jax.random.split(key, 3)), self.replicated)
         self._samplers: dict[tuple, object] = {}
 
-    def _make_state(self):
-        params = nets.init_params(self.module, self.init_key, self.config)
+    def _make_state(self, key):
+        params = nets.init_params(self.module, key, self.config)
         return train_step.init_state(params, self.tx, self.cm.loss,
                                      len(self.config.training.ema_rates))
 
     def abstract_state(self):
-        shapes = jax.eval_shape(self._make_state)
+        shapes = jax.eval_shape(self._make_state, self.init_key)
         return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), shapes)
 
     def init_state(self):
         """The initial state, replicated over the mesh (identical on every process)."""
         # One compiled program instead of one small compile per initializer.
-        return jax.jit(self._make_state, out_shardings=self.replicated)()
+        return jax.jit(self._make_state, out_shardings=self.replicated)(self.init_key)
 
     def sampler(self, ts):
         """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid).
@@ -139,11 +141,12 @@ def load_teacher(config: ml_collections.ConfigDict):
 def frozen_inputs(config: ml_collections.ConfigDict, setup: Setup):
     """(the train step's `frozen` inputs, the teacher's apply_fn or None).
 
-    `teacher`: the EDM teacher's EMA parameters (`cm.loss=cd`); `lpips`: the LPIPS
-    weights (`cm.metric=lpips`, from `cm.lpips_vgg_path` / `cm.lpips_lin_path` or the
-    cache directory `eval.cache_dir`). Both are replicated over the mesh.
+    `step_key`: the base key of the step's randomness (from `training.seed`); `teacher`:
+    the EDM teacher's EMA parameters (`cm.loss=cd`); `lpips`: the LPIPS weights
+    (`cm.metric=lpips`, from `cm.lpips_vgg_path` / `cm.lpips_lin_path` or the cache
+    directory `eval.cache_dir`). All are replicated over the mesh.
     """
-    frozen, teacher_apply = {}, None
+    frozen, teacher_apply = {"step_key": setup.step_key}, None
     if setup.cm.loss == "cd":
         teacher_apply, frozen["teacher"] = load_teacher(config)
         logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)

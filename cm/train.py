@@ -225,7 +225,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
 
     pair = pairing.Pairing(config, jax.local_device_count())
     step_fn = train_step.make_train_step(
-        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(t), setup.mesh, setup.step_key,
+        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(t), setup.mesh,
         device_assign=pair.device_fn, teacher_apply_fn=teacher_apply, steps_per_call=k)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
                            jax.process_count(), config.data.random_flip, labels=labels)

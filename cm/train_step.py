@@ -4,7 +4,8 @@ Each device gets one shard of the global batch (`jax.shard_map`), computes the
 consistency loss on it; the gradient is that of the mean loss over the `data` axis
 (averaged exactly once, see `shard_loss`). The optimiser, the CT target EMA and the
 evaluation EMAs are updated once, replicated.
-Randomness comes from `fold_in(base_key, step)`; per-example keys are folded with the
+Randomness comes from `fold_in(step_key, step)`, the key an argument of the step (not a
+constant of the program); per-example keys are folded with the
 global example index so the update does not depend on the number of devices.
 """
 
@@ -148,10 +149,9 @@ def apply_updates(state: TrainState, grads: PyTree, tx: optax.GradientTransforma
 
 def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
-                    mesh: Mesh, base_key: jax.Array,
-                    device_assign: DeviceAssignFn | None = None, teacher_apply_fn=None,
-                    steps_per_call: int = 1):
-    """Returns the jitted `train_step(state, batch, frozen=None) -> (state, metrics)`.
+                    mesh: Mesh, device_assign: DeviceAssignFn | None = None,
+                    teacher_apply_fn=None, steps_per_call: int = 1):
+    """Returns the jitted `train_step(state, batch, frozen) -> (state, metrics)`.
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
     optionally `label` `[B]`). The state is donated. With `steps_per_call = k > 1` the
@@ -161,10 +161,13 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
     last step's, plus `losses` `[k]`.
 
     `frozen` holds replicated inputs that are never trained nor checkpointed (see
-    `cm.setup.frozen_inputs`): `teacher` (the EDM teacher's parameters for `cm.loss=cd`,
+    `cm.setup.frozen_inputs`): `step_key` (always: the base key of the step's randomness,
+    `fold_in(step_key, step)`), `teacher` (the EDM teacher's parameters for `cm.loss=cd`,
     applied with `teacher_apply_fn`) and `lpips` (the LPIPS weights for
     `cm.metric=lpips`). They are arguments rather than constants captured by the jitted
-    function, so they are not baked into the program.
+    function, so they are not baked into the program: runs that differ only in
+    `training.seed` share one compiled step (and the persistent compilation cache serves
+    a seed sweep from its first run's compile).
     """
     loss_impl = losses.LOSS_FNS[cfg.loss]
     if cfg.loss == "cd":
@@ -176,14 +179,13 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         x, z = batch["x"], batch["z"]
         local_b = x.shape[0]
         shard = jax.lax.axis_index("data")
-        key = jax.random.fold_in(base_key, step)
+        key = jax.random.fold_in(frozen["step_key"], step)
         if device_assign is not None:
             z = device_assign(x, z, jax.random.fold_in(jax.random.fold_in(key, 1), shard))
         idx = shard * local_b + jnp.arange(local_b)
         example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
 
-        frozen = frozen or {}
         extra = {name: frozen[key] for key, name in FROZEN_ARGS.items() if key in frozen}
 
         def loss_fn(p):
@@ -201,8 +203,7 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
 
-    def train_step(state: TrainState, batch: dict, frozen: dict | None = None,
-                   ) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
         batch_specs = {k: P("data") for k in batch}
         loss, aux, grads = jax.shard_map(
             shard_loss, mesh=mesh,
@@ -219,7 +220,7 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         }
         return new_state, metrics
 
-    def train_steps(state: TrainState, batches: tuple[dict, ...], frozen: dict | None = None,
+    def train_steps(state: TrainState, batches: tuple[dict, ...], frozen: dict,
                     ) -> tuple[TrainState, dict]:
         losses = []
         for batch in batches:  # unrolled: k copies of the one-step program

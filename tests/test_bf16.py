@@ -22,8 +22,9 @@ def one_step(dtype: str, params, batch):
     mesh = train_step.make_mesh(jax.devices()[:1])
     state = train_step.init_state(jax.tree.map(jnp.array, params), tx, config.cm.loss, 1)
     step = train_step.make_train_step(apply_fn, consistency.CMConfig.from_config(config), tx,
-                                      (0.99,), mesh, jax.random.PRNGKey(1))
-    new_state, metrics = step(state, train_step.shard_batch(batch, mesh))
+                                      (0.99,), mesh)
+    new_state, metrics = step(state, train_step.shard_batch(batch, mesh),
+                              {"step_key": jax.random.PRNGKey(1)})
     return apply_fn, jax.device_get(new_state), jax.device_get(metrics)
 
 

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from cm import checkpoints, consistency, data, nets, sample_run, train, train_step, workdir
+from cm import setup as setup_lib
 from cm.setup import Setup
 from tests.helpers import QUICKSTART_NET, tiny_config
 
@@ -188,12 +189,11 @@ def test_eight_devices_match_one_device(loss):
         state = jax.device_put(
             state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         )
-        step = train_step.make_train_step(
-            apply_fn, cm_cfg, tx, (0.99,), mesh, jax.random.PRNGKey(1)
-        )
+        step = train_step.make_train_step(apply_fn, cm_cfg, tx, (0.99,), mesh)
+        frozen = {"step_key": jax.random.PRNGKey(1)}
         rows = []
         for k in range(n_steps):
-            state, metrics = step(state, train_step.shard_batch(batcher.batch(k), mesh))
+            state, metrics = step(state, train_step.shard_batch(batcher.batch(k), mesh), frozen)
             rows.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         results.append((jax.device_get(state.params), np.array(rows)))
     (p1, rows1), (p8, rows8) = results
@@ -207,6 +207,37 @@ def test_eight_devices_match_one_device(loss):
     np.testing.assert_allclose(rows8[:, 1], rows1[:, 1], rtol=1e-4)  # grad_norm
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_the_seed_is_an_argument_of_the_programs_not_a_constant():
+    """Runs that differ only in training.seed compile the same initialisation and train
+    step (so the persistent compilation cache serves a seed sweep from its first compile),
+    and the seed still reaches both: other initial parameters, another first-step loss."""
+    setups = [Setup(tiny_config(**{"training.seed": seed, "optim.warmup": 0}))
+              for seed in (0, 1)]
+    batch = data.Batcher(data.load_digits(8), 8, seed=0, random_flip=False).batch(0)
+    texts, losses, params = [], [], []
+    for setup in setups:
+        init = jax.jit(setup._make_state, out_shardings=setup.replicated)
+        texts.append(init.lower(setup.init_key).as_text())
+        state = setup.init_state()
+        params.append(jax.device_get(state.params))
+        frozen, _ = setup_lib.frozen_inputs(setup.config, setup)
+        step = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, (0.99,),
+                                          setup.mesh)
+        sharded = train_step.shard_batch(batch, setup.mesh)
+        texts.append(step.lower(state, sharded, frozen).as_text())
+        losses.append(float(step(state, sharded, frozen)[1]["loss"]))
+    assert texts[0] == texts[2] and texts[1] == texts[3]  # init, step: one program each
+    assert losses[0] != losses[1]
+    # The same state and batch with the other seed's step key: another loss (other levels
+    # and per-example noise keys), so the key is not just carried along.
+    frozen1, _ = setup_lib.frozen_inputs(setups[1].config, setups[1])
+    state0 = setups[0].init_state()
+    sharded = train_step.shard_batch(batch, setups[0].mesh)
+    assert float(step(state0, sharded, frozen1)[1]["loss"]) != losses[0]
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(params[0]),
+                                              jax.tree.leaves(params[1]), strict=True))
 
 
 def test_grid_sampler_is_built_once_per_times():
