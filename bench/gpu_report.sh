@@ -24,7 +24,9 @@
 # (LIMIT seconds); the script ends with the list of calls that failed, exit status 1.
 #   pip install -r requirements.txt "jax[cuda12]==0.10.2" && SECTIONS="ct fid" bash bench/gpu_report.sh
 # SMOKE=1 runs every command with the :smoke networks at batch 8 on whatever backend is
-# present (tests/test_bench.py runs it on the CPU, so the command lines stay valid).
+# present (tests/test_bench.py runs the ct section on the CPU, so its command lines stay
+# valid; the other sections' commands use the same modules and flags, except bench.profile
+# and bench.restart, which no test runs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/immiscible_cm_jax_cache}"

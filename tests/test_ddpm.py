@@ -243,7 +243,8 @@ def _tiny_ddpm_config(**overrides):
     config = digits_ddpm.get_config("smoke")
     small = tiny_config()
     config.data = small.data
-    # One level, no attention: the U-Net's parts are tested above; this is the loop.
+    # One level, no attention (the assignment tests are about the loss's inputs); the
+    # end-to-end test below puts the U-Net's second level and attention back.
     config.model.nf, config.model.ch_mult = 8, (1,)
     config.model.num_res_blocks, config.model.attn_resolutions = 1, ()
     config.cm.num_timesteps = 20
@@ -257,7 +258,8 @@ def _tiny_ddpm_config(**overrides):
 def test_ddpm_config_trains_samples_and_evaluates(tmp_path):
     from evaluation import run as eval_run
 
-    config = _tiny_ddpm_config()
+    # Two levels and attention at 4x4: the U-Net's down/up-sampling and attention train.
+    config = _tiny_ddpm_config(**{"model.ch_mult": (1, 2), "model.attn_resolutions": (4,)})
     last = train.train(config, str(tmp_path))
     assert last["step"] == 2 and np.isfinite(last["loss"])
     assert last["num_scales"] == 0 and last["mu"] == 0.0

@@ -24,11 +24,6 @@ from tests.helpers import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per launch; the whole test takes well under a minute when healthy
 OVERRIDES = {
-    # The smallest NCSN++ (one level, no attention): the test is about the plumbing.
-    "model.ch_mult": (1,),
-    "model.attn_resolutions": (),
-    "model.fir": False,
-    "model.progressive_input": "none",
     "training.n_iters": 4,
     "training.snapshot_every": 2,
     "training.batch_size": 8,  # 2 rows per device: 4 devices either way
