@@ -122,6 +122,7 @@ def _refuse_early(mode: str, config, run_dir: str) -> None:
         raise train.ConfigError(f"--config is required for --mode {mode}")
     if mode == "train":
         train.validate(config)
+        workdir.check_compatible(run_dir, config)  # another shape, parameterisation or loss
         if jax.process_count() == 1:  # several processes: train() asks process 0
             run_lock.check_free(run_dir)
     elif mode in ("sample", "eval"):

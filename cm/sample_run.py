@@ -34,7 +34,7 @@ def sample_from_workdir(run_dir: str, config: ml_collections.ConfigDict | None =
     if config is None:
         config = workdir.load_config(run_dir)
     else:
-        workdir.check_compatible(run_dir, config)
+        workdir.check_compatible(run_dir, config, training=False)
     setup = Setup(config)
     ckpt = checkpoints.Checkpointer(run_dir)
     step = None if config.sample.step < 0 else config.sample.step

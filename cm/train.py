@@ -157,6 +157,35 @@ def diverged_message(step: int, loss: float, ckpt: checkpoints.Checkpointer) -> 
     return text
 
 
+def schedule_jumps(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
+                   step: int) -> list[str]:
+    """What a changed `training.n_iters` does at the resume step `step`.
+
+    The CT / iCT curricula N(k), CT's target EMA mu(k) and a decaying learning rate are
+    functions of k / n_iters: training on past a run's end (a larger n_iters) moves them
+    at once. Returns one line per quantity that moves; none when n_iters is unchanged.
+    """
+    old_n, new_n = saved.training.n_iters, config.training.n_iters
+    if old_n == new_n:
+        return []
+    jumps = []
+    old_cm = consistency.CMConfig.from_config(saved)
+    new_cm = consistency.CMConfig.from_config(config)
+    if new_cm.loss in ("ct", "ict"):
+        a, b = int(old_cm.num_scales(step)), int(new_cm.num_scales(step))
+        if a != b:
+            jumps.append(f"the {new_cm.loss} curriculum N(k) goes from {a} to {b}")
+        a, b = float(old_cm.target_decay(step)), float(new_cm.target_decay(step))
+        if a != b:
+            jumps.append(f"the target EMA mu(k) from {a:.6g} to {b:.6g}")
+    a, b = (train_step.learning_rate(c.optim, c.training.n_iters) for c in (saved, config))
+    a, b = (float(lr(step)) if callable(lr) else float(lr) for lr in (a, b))
+    if a != b:
+        jumps.append(f"the learning rate from {a:.6g} to {b:.6g}")
+    return [f"training.n_iters changed from {old_n} to {new_n}: at step {step} {j}"
+            for j in jumps]
+
+
 def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None = None,
           ) -> dict:
     """Trains (or resumes) the run in `run_dir`; returns the last logged metrics.
@@ -179,6 +208,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     clock, t_start = compile_cache.CompileClock(), time.perf_counter()
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
+    saved = workdir.saved_dict(run_dir)
     images, labels = data.load_dataset(data.DataConfig.from_config(config))
     labels = check_labels(config, labels)
     setup = Setup(config)
@@ -220,6 +250,9 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     if is_main:
         if changed:
             logging.warning("config differs from the saved one in: %s", ", ".join(changed))
+            for line in schedule_jumps(ml_collections.ConfigDict(saved), config, start):
+                logging.warning("%s", line)
+            workdir.record_changes(run_dir, start, saved, config)
         workdir.write_config(run_dir, config)
     writer = logs.MetricWriter(run_dir, resume_step=start) if is_main else None
 

@@ -1,11 +1,14 @@
 """The workdir as the resume key: its saved config and compatibility checks.
 
-`config.json` records the config a run was started with. A new run in a workdir that
-holds a run of a different model shape fails before anything is written.
+`config.json` records the config of a run's latest launch; `config_changes.jsonl` the
+fields each relaunch changed, with the step it resumed at. A launch that would misread
+the saved state (another shape or parameterisation) or train it towards another
+objective fails before anything is written.
 """
 
 import json
 import os
+import time
 
 import ml_collections
 
@@ -14,10 +17,40 @@ import ml_collections
 SHAPE_FIELDS = ("model", "data.image_size", "data.num_channels", "cm.loss",
                 "training.ema_rates", "optim.optimizer", "optim.grad_clip",
                 "optim.weight_decay")
-# Fields that define the loss: changing them on resume would silently train a different
-# objective from the same checkpoint (e.g. the CIFAR-10 configs' switch to LPIPS).
-LOSS_FIELDS = ("cm.metric",)
-LPIPS_FIELDS = ("cm.lpips_pool", "cm.lpips_resize")  # compared when the saved run used LPIPS
+# `cm` fields that decide what the saved parameters compute (the consistency function's
+# boundary scalings, EDM's preconditioning, the DDPM noise level of each timestep), by the
+# saved run's cm.loss. A change would misread the checkpoints: refused for training and
+# for sampling.
+MEANING_FIELDS = {"ct": ("sigma_min", "sigma_data"), "ict": ("sigma_min", "sigma_data"),
+                  "cd": ("sigma_min", "sigma_data"), "edm": ("sigma_data",),
+                  "ddpm": ("num_timesteps", "beta_schedule", "beta_start", "beta_end")}
+# `cm` fields that define the training objective, by the saved cm.loss: a change on resume
+# would silently train the same checkpoints towards another objective (e.g. the CIFAR-10
+# configs' switch to LPIPS, or another curriculum or noise distribution).
+OBJECTIVE_FIELDS = {
+    "ct": ("metric", "sigma_max", "rho", "start_scales", "end_scales", "start_ema"),
+    "ict": ("metric", "sigma_max", "rho", "start_scales", "end_scales", "p_mean", "p_std"),
+    "cd": ("metric", "sigma_max", "rho", "end_scales", "start_ema"),
+    "edm": ("p_mean", "p_std"),
+    "ddpm": (),
+}
+METRIC_FIELDS = {"pseudo_huber": ("huber_c",), "lpips": ("lpips_pool", "lpips_resize")}
+
+
+def guarded_fields(saved: dict, training: bool = True) -> tuple[str, ...]:
+    """The flattened fields a new config must share with the saved run `saved`.
+
+    The shape fields, and the `cm` fields that the saved run's loss reads: those that
+    decide what its parameters compute, and, when `training`, those of its objective.
+    """
+    flat = _flatten(saved)
+    loss, metric = flat.get("cm.loss", "ct"), flat.get("cm.metric", "pseudo_huber")
+    cm_fields = MEANING_FIELDS.get(loss, ())
+    if training:
+        cm_fields += OBJECTIVE_FIELDS.get(loss, ())
+        if loss in ("ct", "ict", "cd"):  # EDM's and DDPM's losses are l2 whatever the metric
+            cm_fields += METRIC_FIELDS.get(metric, ())
+    return SHAPE_FIELDS + tuple(f"cm.{f}" for f in cm_fields)
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -69,12 +102,11 @@ def config_path(workdir: str) -> str:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run in `workdir` was started with."""
-    path = config_path(workdir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-    with open(path) as f:
-        d = json.load(f)
+    """The config a run in `workdir` was started with (fields added since at defaults)."""
+    merged = saved_dict(workdir)
+    if merged is None:
+        raise FileNotFoundError(f"{config_path(workdir)} not found: is {workdir!r} a "
+                                "training workdir?")
 
     def tuples(x):
         if isinstance(x, dict):
@@ -83,11 +115,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in x)
         return x
 
-    # Fields added to the project after the run was started take their defaults.
-    from configs import base
-
-    merged = config_to_dict(base.get_config())
-    _merge(merged, d)
     return ml_collections.ConfigDict(tuples(merged))
 
 
@@ -108,32 +135,62 @@ def diff(old: dict, new: dict, fields: tuple[str, ...] | None = None) -> list[st
     return [k for k in keys if fo.get(k, "<missing>") != fn.get(k, "<missing>")]
 
 
-def check_compatible(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
-    """Raises if `workdir` holds a run whose state shapes or loss differ from `config`'s.
-
-    Returns:
-      The other (harmless) fields that differ from the saved config.
-    """
+def saved_dict(workdir: str) -> dict | None:
+    """The config saved in `workdir` as a dict, with fields added since at their defaults."""
     path = config_path(workdir)
     if not os.path.exists(path):
-        return []
+        return None
     with open(path) as f:
-        old = json.load(f)
+        saved = json.load(f)
+    from configs import base
+
+    merged = config_to_dict(base.get_config())
+    _merge(merged, saved)
+    return merged
+
+
+def check_compatible(workdir: str, config: ml_collections.ConfigDict,
+                     training: bool = True) -> list[str]:
+    """Raises if `workdir` holds a run that `config` would misread or train differently.
+
+    Refused: another state shape, another meaning of the saved parameters (e.g.
+    cm.sigma_data, the DDPM beta schedule) and, when `training`, another objective (e.g.
+    cm.metric, the curriculum). See `guarded_fields`.
+
+    Returns:
+      The other fields that differ from the saved config (logged by the caller).
+    """
+    old = saved_dict(workdir)
+    if old is None:
+        return []
     new = config_to_dict(config)
-    fields = SHAPE_FIELDS + LOSS_FIELDS
-    if _flatten(old).get("cm.metric") == "lpips":
-        fields += LPIPS_FIELDS
-    bad = diff(old, new, fields)
+    bad = diff(old, new, guarded_fields(old, training))
     if bad:
         fo, fn = _flatten(old), _flatten(new)
         lines = [f"  {k}: saved {fo.get(k, '<missing>')!r}, now {fn.get(k, '<missing>')!r}"
                  for k in bad]
+        what = "model/state shape, parameterisation" + (" or loss" if training else "")
         raise IncompatibleWorkdirError(
-            f"workdir {workdir!r} holds a run with a different model/state shape or loss; "
-            "nothing was changed there. Use a new --workdir, or the saved values (e.g. "
-            "--config.cm.metric=<saved>). Differences:\n"
-            + "\n".join(lines))
+            f"workdir {workdir!r} holds a run with a different {what}; nothing was changed "
+            f"there. Use a new --workdir, or the saved values (e.g. --config.{bad[0]}="
+            f"{fo.get(bad[0], '<missing>')}). Differences:\n" + "\n".join(lines))
     return diff(old, new)
+
+
+def changes(old: dict, new: dict) -> dict[str, list]:
+    """{flattened key: [saved value, new value]} of the fields that differ."""
+    fo, fn = _flatten(old), _flatten(new)
+    return {k: [fo.get(k), fn.get(k)] for k in diff(old, new)}
+
+
+def record_changes(workdir: str, step: int, saved: dict, config: ml_collections.ConfigDict,
+                   ) -> None:
+    """Appends the fields a relaunch changed, and the step it resumed at, to
+    `config_changes.jsonl` (config.json then holds the new values)."""
+    line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "changed": changes(saved, config_to_dict(config))}
+    with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

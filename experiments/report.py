@@ -28,8 +28,8 @@ PLOT = "curves.png"
 VANILLA = "assignment.method=none"
 
 __all__ = ["Curve", "Health", "Reach", "arm_curves", "default_levels", "health",
-           "load_rows", "main", "mean_curve", "plot", "speedups", "steps_to_reach", "table",
-           "write_report"]
+           "load_rows", "main", "mean_curve", "plot", "setting", "speedups", "steps_to_reach",
+           "table", "write_report"]
 
 RISE = 0.5  # a run whose last value is more than 50% above its own best is unhealthy
 STALL = 2.0  # ... and one whose best stays above 2x the median best of its arm's other seeds
@@ -102,13 +102,42 @@ def load_rows(root: str) -> list[dict]:
     return rows
 
 
-def arm_curves(rows: Sequence[dict], metric: str, sampler: str
+def setting(row: dict) -> tuple:
+    """What an eval row was computed with besides its sampler's name: the number of
+    samples, the sampler's times (e.g. 2step's intermediate time) and DDIM's eta."""
+    return row.get("n"), tuple(row.get("ts") or ()), row.get("eta")
+
+
+def _describe(s: tuple) -> str:
+    n, ts, eta = s
+    return f"n={n} ts={list(ts)}" + ("" if eta is None else f" eta={eta}")
+
+
+def arm_curves(rows: Sequence[dict], metric: str, sampler: str, n: int | None = None
                ) -> dict[str, dict[int, Curve]]:
-    """{arm: {seed: curve}} of one metric and sampler (the last row wins for a step)."""
+    """{arm: {seed: curve}} of one metric and sampler (the last row wins for a step).
+
+    Every row of the curves must share one `setting` (sample count, times, eta): FID
+    falls with the sample count, so a curve or a comparison that mixed them would show
+    differences that training never made. `n` picks the rows of one sample count.
+
+    Raises:
+      ValueError: the selected rows were evaluated with different settings.
+    """
+    rows = [r for r in rows if r.get("sampler") == sampler and r.get(metric) is not None
+            and (n is None or r.get("n") == n)]
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        counts[setting(r)] = counts.get(setting(r), 0) + 1
+    if len(counts) > 1:
+        listed = "; ".join(f"{_describe(s)}: {c} rows" for s, c in sorted(
+            counts.items(), key=lambda x: -x[1]))
+        raise ValueError(
+            f"the {metric!r} rows of sampler {sampler!r} were evaluated with different "
+            f"settings ({listed}); curves mixing them would compare unlike numbers. Pick a "
+            "sample count with --n, or move the other rows out of the eval.jsonl files")
     points: dict[str, dict[int, dict[int, float]]] = {}
     for r in rows:
-        if r.get("sampler") != sampler or r.get(metric) is None:
-            continue
         points.setdefault(r["arm"], {}).setdefault(int(r["seed"]), {})[int(r["step"])] = \
             float(r[metric])
     out: dict[str, dict[int, Curve]] = {}
@@ -404,7 +433,8 @@ def _pick_metric(rows: Sequence[dict]) -> str:
 def write_report(root: str, metric: str | None = None, sampler: str = "1step",
                  baseline: str | None = None, levels: Sequence[float] | None = None,
                  max_levels: int = 6, out_dir: str | None = None, rise: float = RISE,
-                 stall: float = STALL) -> tuple[str, str, list[Health]]:
+                 stall: float = STALL, n: int | None = None,
+                 ) -> tuple[str, str, list[Health]]:
     """Writes `report.md` and `curves.png` of a sweep root; returns their paths and the
     health of every run.
 
@@ -418,17 +448,22 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
       max_levels: at most this many default levels.
       out_dir: where to write (default: `root`).
       rise, stall: the health check's thresholds (see `health`).
+      n: use the rows of this sample count (needed when the rows have several).
 
     Raises:
-      ValueError: no rows, no rows of this metric/sampler, or no baseline arm.
+      ValueError: no rows, no rows of this metric/sampler (and n), rows evaluated with
+        different settings, or no baseline arm.
     """
     rows = load_rows(root)
     if not rows:
         raise ValueError(f"no eval rows under {root} (run the sweep with evaluation first)")
     metric = metric or _pick_metric(rows)
-    curves = arm_curves(rows, metric, sampler)
+    curves = arm_curves(rows, metric, sampler, n)
     if not curves:
-        raise ValueError(f"no rows with {metric!r} for sampler {sampler!r} under {root}")
+        raise ValueError(f"no rows with {metric!r} for sampler {sampler!r}"
+                         + ("" if n is None else f" and n={n}") + f" under {root}")
+    used = next(setting(r) for r in rows if r.get("sampler") == sampler
+                and r.get(metric) is not None and (n is None or r.get("n") == n))
     if baseline is None:
         cands = [a for a in curves if a == VANILLA] or [a for a in curves if VANILLA in a]
         baseline = cands[0] if cands else None
@@ -446,7 +481,8 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           else default_levels(base_mean, max_levels))
     n_seeds = {a: len(c) for a, c in curves.items()}
     md = [f"# Sweep report: `{root}`", "",
-          f"Metric `{metric}` (lower is better), sampler `{sampler}`; seeds per arm: "
+          f"Metric `{metric}` (lower is better), sampler `{sampler}` ({_describe(used)}"
+          "); seeds per arm: "
           + ", ".join(f"`{a}` {n}" for a, n in n_seeds.items()) + ".", "",
           f"![{metric} vs steps]({PLOT})", "",
           "Curves: seed mean, band = min-max over seeds.", "",
@@ -481,6 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", required=True, help="sweep root")
     p.add_argument("--metric", default=None, help="fid | fd_pixels (default: the rows')")
     p.add_argument("--sampler", default="1step", help="1step | 2step")
+    p.add_argument("--n", type=int, default=None,
+                   help="the rows of this sample count (when rows were evaluated with several)")
     p.add_argument("--baseline", default=None, help=f"vanilla arm (default: {VANILLA})")
     p.add_argument("--levels", default="",
                    help="comma-separated quality levels (default: from vanilla's curve)")
@@ -493,8 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     levels = [float(x) for x in args.levels.split(",") if x.strip()] or None
     try:
-        md, png, checks = write_report(args.root, args.metric, args.sampler, args.baseline, levels,
-                               args.max_levels, args.out, args.rise, args.stall)
+        md, png, checks = write_report(args.root, args.metric, args.sampler, args.baseline,
+                                       levels, args.max_levels, args.out, args.rise,
+                                       args.stall, args.n)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

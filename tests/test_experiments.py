@@ -266,6 +266,35 @@ def test_report_writes_png_and_tables(tmp_path):
     assert "| 10 |" in open(md2).read()
 
 
+def test_report_refuses_curves_that_mix_evaluation_settings(tmp_path, capsys):
+    """Vanilla seed 0's last step evaluated again with more samples (and a lower value,
+    as FID falls with the sample count): the last row used to win, silently."""
+    clean, root = str(tmp_path / "clean"), str(tmp_path / "mixed")
+    _fake_sweep(clean)
+    _fake_sweep(root)
+    path = os.path.join(root, "assignment.method=none", "seed0", "eval.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 400, "sampler": "1step", "n": 1000, "metric": "fd_pixels",
+                            "fd_pixels": 0.5, "is": None}) + "\n")
+    with pytest.raises(ValueError, match=r"different settings \(n=64 ts=\[\]: 36 rows; "
+                                         r"n=1000 ts=\[\]: 1 rows\)"):
+        report.write_report(root)
+    assert report.main(["--root", root]) == 2
+    assert "--n" in capsys.readouterr().err
+    # One sample count: the same report as the sweep without the extra row.
+    want, _, _ = report.write_report(clean)
+    got, _, _ = report.write_report(root, n=64)
+    assert open(got).read().replace(root, clean) == open(want).read()
+    assert "sampler `1step` (n=64 ts=[])" in open(got).read()
+    # Another intermediate time of 2step is another sampler, whatever the sample count.
+    with open(path, "a") as f:
+        for t in (0.821, 0.5):
+            f.write(json.dumps({"step": 400, "sampler": "2step", "n": 64, "ts": [80.0, t],
+                                "metric": "fd_pixels", "fd_pixels": 1.0}) + "\n")
+    with pytest.raises(ValueError, match=r"ts=\[80.0, 0.821\]: 1 rows; n=64 ts=\[80.0, 0.5\]"):
+        report.write_report(root, sampler="2step", n=64)
+
+
 def test_report_cli_errors(tmp_path, capsys):
     assert report.main(["--root", str(tmp_path)]) == 2
     assert "no eval rows" in capsys.readouterr().err
@@ -311,8 +340,8 @@ def test_report_flags_unhealthy_runs_and_leaves_their_pairs_out(tmp_path):
     wd = os.path.join(root, "assignment.method=none", "seed2")
     with open(os.path.join(wd, "eval.jsonl"), "w") as f:
         for s, v in ((100, 16.0), (200, 8.0), (300, 20.0), (400, 40.0)):
-            f.write(json.dumps({"step": s, "sampler": "1step", "metric": "fd_pixels",
-                                "fd_pixels": v}) + "\n")
+            f.write(json.dumps({"step": s, "sampler": "1step", "n": 64,
+                                "metric": "fd_pixels", "fd_pixels": v}) + "\n")
     md_path, _, checks = report.write_report(root)
     bad = [(h.arm, h.seed) for h in checks if not h.ok]
     assert bad == [("assignment.method=none", 2)]
