@@ -116,7 +116,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_snapshots = 3
     training.resume_every = 1_000  # frequent checkpoints, the latest two are kept
     training.n_grid = 64  # images in the sample grid PNG
-    training.steps_per_call = 1  # k > 1: k steps per jitted call (lax.scan), for small models
+    training.steps_per_call = 1  # k > 1: k steps per jitted call (unrolled), for small models
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
     # Sampling.
