@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from cm import train, workdir
@@ -121,7 +122,7 @@ def ct_config(n_iters, **fields):
                           "optim.warmup": 0, "optim.lr": 1e-3, **fields})
 
 
-def test_a_longer_run_says_how_its_schedules_jump_at_the_resume_step():
+def test_a_longer_run_says_how_its_schedules_jump_at_the_resume_step(tmp_path):
     """Against the CT paper's formulas (REFERENCE.md) in plain Python: N(k) = ceil(sqrt(k/K
     ((s1+1)^2 - s0^2) + s0^2) - 1) + 1, mu(k) = exp(s0 ln(mu0) / N(k)), and a cosine
     learning rate lr (1 + cos(pi k / K)) / 2."""
@@ -136,7 +137,9 @@ def test_a_longer_run_says_how_its_schedules_jump_at_the_resume_step():
     def cosine(total):
         return lr * (1 + math.cos(math.pi * k / total)) / 2
 
-    saved = ct_config(100, **{"optim.decay": "cosine"})
+    run_dir = str(tmp_path / "run")  # the saved config as the trainer reads it back
+    workdir.write_config(run_dir, ct_config(100, **{"optim.decay": "cosine"}))
+    saved = ml_collections.ConfigDict(workdir.saved_dict(run_dir))
     longer = ct_config(300, **{"optim.decay": "cosine"})
     lines = train.schedule_jumps(saved, longer, k)
     assert n_scales(100) == 107 and n_scales(300) == 62  # far apart: a real jump
