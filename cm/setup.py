@@ -129,6 +129,11 @@ def load_teacher(config: ml_collections.ConfigDict):
                              f"{config.data[field]}")
     if tcfg.model.num_classes != config.model.num_classes:
         raise ValueError("teacher and student must agree on model.num_classes")
+    if tcfg.cm.sigma_data != config.cm.sigma_data:  # the teacher step preconditions with it
+        raise ValueError(f"the teacher was trained with cm.sigma_data={tcfg.cm.sigma_data} but "
+                         f"the student has {config.cm.sigma_data}: its Heun step and the "
+                         "student's start from its parameters assume one value; set "
+                         f"--config.cm.sigma_data={tcfg.cm.sigma_data}")
     setup = Setup(tcfg)
     ckpt = checkpoints.Checkpointer(teacher_dir)
     if ckpt.latest_step() is None:

@@ -169,6 +169,12 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     with pytest.raises(FileNotFoundError, match="train the EDM teacher"):
         train.train(config, str(tmp_path / "cd_missing"))
     config.cm.teacher_workdir = str(tmp_path / "edm")
+    # The teacher step preconditions the teacher with the student's sigma_data: a teacher
+    # trained with another value would be misapplied, silently.
+    config.cm.sigma_data = 0.25
+    with pytest.raises(ValueError, match=r"trained with cm.sigma_data=0.5 but the student"):
+        setup_lib.load_teacher(config)
+    config.cm.sigma_data = 0.5
 
     # Before the first update, the student's online, target and EMA parameters are the
     # teacher's EMA parameters (the CD paper; the OpenAI code's finetune=True).
