@@ -167,3 +167,25 @@ def test_inception_score_splits_and_errors():
     assert mean == pytest.approx(np.mean(parts)) and std == pytest.approx(np.std(parts))
     with pytest.raises(ValueError, match="splits"):
         fid.inception_score(logits[:5], splits=10)
+
+
+def test_inception_score_heterogeneous_predictions_against_numpy():
+    """Predictions of unequal confidence, so the per-image KLs differ within a split: the
+    score is exp of the mean KL, not the mean of exp(KL) (the closed-form tests above have
+    equal KLs in every split, where the two agree). Reference: softmax and KL written out
+    per image in float64."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(60, 8)) * rng.uniform(0.2, 6.0, size=(60, 1))
+    splits = 3
+    scores = []
+    for s in range(splits):
+        part = logits[s * 20:(s + 1) * 20]
+        p = np.exp(part - part.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        py = p.mean(axis=0)
+        kls = [sum(pi[j] * math.log(pi[j] / py[j]) for j in range(8)) for pi in p]
+        assert np.std(kls) > 0.1  # the per-image KLs really differ
+        scores.append(math.exp(np.mean(kls)))
+    mean, std = fid.inception_score(logits, splits=splits)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9)
+    assert std == pytest.approx(np.std(scores), rel=1e-9)
