@@ -36,6 +36,9 @@ from cm import (
 )
 from cm.setup import Setup, check_labels, frozen_inputs
 
+# What the step reports of the pairing on the device path (assignment.where=device).
+DEVICE_DIAGNOSTICS = {"distance_before", "distance_after", "reduction"}
+
 
 class ConfigError(ValueError):
     """The config cannot run; the message names the field and what it must be."""
@@ -296,8 +299,9 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
             while step < end:
                 item = next(inputs)  # this call's k batches, paired and on the mesh
-                for diagnostics in item["diagnostics"]:
-                    meter.add(diagnostics)
+                if pair.device_fn is None:  # else the host only passes the noise on
+                    for diagnostics in item["diagnostics"]:
+                        meter.add(diagnostics)
                 state, metrics = step_fn(state, item["batch"], frozen)
                 step += k
                 if step == start + k and is_main:  # one sync, to say what start-up cost
@@ -328,7 +332,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
                     m.update(rates)
                     m.update(diagnostics)
                     if is_main:
-                        extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(diagnostics))
+                        extra = "".join(f" {k}={m[k]:.4g}" for k in sorted(
+                            diagnostics or DEVICE_DIAGNOSTICS & set(m)))
                         logging.info(
                             "step %d/%d loss=%.5g N=%d mu=%.5f %.1f img/s wait=%.1f%%%s left=%s",
                             step, t.n_iters, m["loss"], m["num_scales"], m["mu"],

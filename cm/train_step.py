@@ -147,6 +147,13 @@ def apply_updates(state: TrainState, grads: PyTree, tx: optax.GradientTransforma
     return new_state, mu
 
 
+def mean_distance(x: jax.Array, z: jax.Array) -> jax.Array:
+    """The mean over the global batch of the row-wise L2 distances |x_i - z_i| in float32
+    (`assignment.pair_distances`' quantity), from inside a shard_map over `data`."""
+    d = (x.astype(jnp.float32) - z.astype(jnp.float32)).reshape(x.shape[0], -1)
+    return jax.lax.pmean(jnp.mean(jnp.sqrt(jnp.sum(d * d, axis=1))), "data")
+
+
 def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
                     mesh: Mesh, device_assign: DeviceAssignFn | None = None,
@@ -158,7 +165,8 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
     function takes a tuple of k such batches and runs the k steps in one call (unrolled,
     with an optimisation barrier between steps, so each step is the one-step program),
     so small models pay the host's per-call cost once per k steps; its metrics are the
-    last step's, plus `losses` `[k]`.
+    last step's, plus `losses` `[k]`. With `device_assign` (assignment.where=device) the
+    metrics hold the pairing's `distance_before`, `distance_after` and `reduction`.
 
     `frozen` holds replicated inputs that are never trained nor checkpointed (see
     `cm.setup.frozen_inputs`): `step_key` (always: the base key of the step's randomness,
@@ -180,8 +188,6 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         local_b = x.shape[0]
         shard = jax.lax.axis_index("data")
         key = jax.random.fold_in(frozen["step_key"], step)
-        if device_assign is not None:
-            z = device_assign(x, z, jax.random.fold_in(jax.random.fold_in(key, 1), shard))
         idx = shard * local_b + jnp.arange(local_b)
         example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
@@ -203,7 +209,24 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
 
+    def assign_shard(x, z, step, step_key):
+        shard = jax.lax.axis_index("data")
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(step_key, step), 1),
+                                 shard)
+        paired = device_assign(x, z, key)
+        return paired, mean_distance(x, z), mean_distance(x, paired)
+
     def train_step(state: TrainState, batch: dict, frozen: dict) -> tuple[TrainState, dict]:
+        if device_assign is not None:
+            # Each device pairs its own shard, in a shard_map of its own: optax's Hungarian
+            # loop starts from constants that its body makes per-device values, which the
+            # varying-axes check refuses (a TypeError). Nothing is differentiated here, so
+            # the check that the loss's shard_map needs for its gradients can be off.
+            z, before, after = jax.shard_map(
+                assign_shard, mesh=mesh, in_specs=(P("data"), P("data"), P(), P()),
+                out_specs=(P("data"), P(), P()), check_vma=False,
+            )(batch["x"], batch["z"], state.step, frozen["step_key"])
+            batch = {**batch, "z": z}
         batch_specs = {k: P("data") for k in batch}
         loss, aux, grads = jax.shard_map(
             shard_loss, mesh=mesh,
@@ -218,6 +241,9 @@ def make_train_step(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig,
             "mu": mu,
             "grad_norm": optax.global_norm(grads),
         }
+        if device_assign is not None:  # what the host reports for its own pairing
+            metrics.update(distance_before=before, distance_after=after,
+                           reduction=1.0 - after / before)
         return new_state, metrics
 
     def train_steps(state: TrainState, batches: tuple[dict, ...], frozen: dict,

@@ -7,10 +7,10 @@ For linear the reference optimum is scipy's `linear_sum_assignment` on L2 costs 
 here with NumPy, not with the project's cost code; for knn each image's kept noise is no
 farther (NumPy L2) than its own drawn noise, which is one of its candidates.
 
-linear on the device path fails today: optax's Hungarian `while_loop` inside the step's
-`shard_map` raises a TypeError (carry types differ in their varying manual axes, `{V:data}`),
-so `train.train` with assignment.where=device, method=linear crashes at the first step.
-That case is an expected failure (strict) until it is fixed.
+Until 2026-11-30 linear on the device path crashed: optax's Hungarian `while_loop` inside
+the step's `shard_map` raised a TypeError (carry types differ in their varying manual axes,
+`{V:data}`), so `train.train` with assignment.where=device, method=linear failed at the
+first step. The pairing now runs in a `shard_map` of its own (cm/train_step.py).
 """
 
 import jax
@@ -23,13 +23,8 @@ from cm import setup as setup_lib
 from cm.setup import Setup
 from tests.helpers import tiny_config
 
-LINEAR_CRASHES = pytest.mark.xfail(
-    strict=True, raises=TypeError,
-    reason="optax.assignment.hungarian_algorithm's while_loop under shard_map: carry types "
-           "differ in varying manual axes (assignment.where=device, method=linear crashes)")
 
-
-@pytest.mark.parametrize("method", ["knn", pytest.param("linear", marks=LINEAR_CRASHES)])
+@pytest.mark.parametrize("method", ["knn", "linear"])
 def test_device_path_pairs_each_shard_inside_the_step(method, monkeypatch):
     n_dev = jax.device_count()
     batch_size, per = 8 * n_dev, 8
@@ -58,6 +53,17 @@ def test_device_path_pairs_each_shard_inside_the_step(method, monkeypatch):
     jax.effects_barrier()
     assert np.isfinite(float(metrics["loss"]))
     assert sorted(seen) == list(range(n_dev))
+
+    # The step reports the pairing's distances (the host passes the noise on unpaired):
+    # the mean row-wise L2 over the global batch, before and after, in NumPy here.
+    xs = raw["x"].reshape(batch_size, -1).astype(np.float64)
+    paired = np.concatenate([seen[s][1] for s in range(n_dev)]).reshape(batch_size, -1)
+    before = np.linalg.norm(xs - raw["z"].reshape(batch_size, -1), axis=1).mean()
+    after = np.linalg.norm(xs - paired, axis=1).mean()
+    assert after < before
+    assert float(metrics["distance_before"]) == pytest.approx(before, rel=1e-5)
+    assert float(metrics["distance_after"]) == pytest.approx(after, rel=1e-5)
+    assert float(metrics["reduction"]) == pytest.approx(1 - after / before, rel=1e-4)
 
     moved = 0
     for shard, (x, z) in seen.items():
