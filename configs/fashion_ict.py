@@ -23,13 +23,14 @@ No random flips: all footwear in Fashion-MNIST points left. Class-conditional wi
 --config.cm.start_ema=0.9` (the CIFAR-10 CT schedule) gave uniform grey images at all 10
 snapshots of 2,000 steps (`fd_fashion` 185.4-185.7, classifier score 1.0005).
 
-Fourier scale: the sweep in docs/results.md was run with NCSN++'s 16 (reproduce it with
-`--config.model.fourier_scale=16`). With 16, every run sat on a plateau of near-identical
-samples from step 200 to 800 (`fd_fashion` 112-170) and vanilla seed 0 never recovered
-(56.7 at step 2,000, flagged by the report's health check; one-step samples started at
-sigma = 10 instead of 80 scored 29.7, the quick start's collapse). The same seed with 0.02:
-107.7 at step 200, 47.3 at 800, 20.4 at 2,000, better than every run with 16 (one seed;
-the three-arm sweep has not been rerun with 0.02).
+Fourier scale: the first sweep in docs/results.md was run with NCSN++'s 16 (reproduce it
+with `--config.model.fourier_scale=16`); the sweep of 2026-11-30 with 0.02, this config as
+it is (390-398 s per run, training and evaluation, on the idle cores). With 16, every run
+sat on a plateau of near-identical samples from step 200 to 800 (`fd_fashion` 112-170) and
+vanilla seed 0 never recovered (56.7 at step 2,000, flagged by the report's health check;
+one-step samples started at sigma = 10 instead of 80 scored 29.7, the quick start's
+collapse). The same seed with 0.02: 107.7 at step 200, 47.3 at 800, 20.4 at 2,000, better
+than every run with 16; with 0.02 all nine runs of the three-arm sweep are healthy.
 
 Evaluation: `fd_fashion`, the Fréchet distance in the penultimate features of a
 Fashion-MNIST classifier (`evaluation/fashion_net.py`), of 5,000 one-step samples against
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None):
     config.model.ch_mult = (1, 2, 2)
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
-    config.model.fourier_scale = 0.02  # iCT's CIFAR-10 value; the docs' sweep used 16 (above)
+    config.model.fourier_scale = 0.02  # iCT's CIFAR-10 value; the first sweep used 16 (above)
     config.cm.loss = "ict"
     config.cm.metric = "pseudo_huber"
     config.cm.start_scales = 10
