@@ -28,8 +28,8 @@ PLOT = "curves.png"
 VANILLA = "assignment.method=none"
 
 __all__ = ["Curve", "Health", "Reach", "arm_curves", "default_levels", "health",
-           "load_rows", "main", "mean_curve", "plot", "setting", "speedups", "steps_to_reach",
-           "table", "write_report"]
+           "load_rows", "main", "mean_curve", "plot", "relaunches", "setting", "speedups",
+           "steps_to_reach", "table", "write_report"]
 
 RISE = 0.5  # a run whose last value is more than 50% above its own best is unhealthy
 STALL = 2.0  # ... and one whose best stays above 2x the median best of its arm's other seeds
@@ -147,6 +147,24 @@ def arm_curves(rows: Sequence[dict], metric: str, sampler: str, n: int | None = 
             steps = np.array(sorted(by_step), dtype=float)
             out[arm][seed] = Curve(steps, np.array([by_step[int(s)] for s in steps]))
     return out
+
+
+def relaunches(root: str) -> list[str]:
+    """One line per workdir of the sweep that a relaunch changed: the step it resumed at
+    and the fields it changed (the trainer's `config_changes.jsonl`); [] if none was."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(root, "*", "seed*", "config_changes.jsonl"))):
+        seed_dir = os.path.dirname(path)
+        arm = os.path.basename(os.path.dirname(seed_dir))
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    fields = ", ".join(f"`{k}` {old!r} -> {new!r}"
+                                       for k, (old, new) in sorted(r["changed"].items()))
+                    lines.append(f"- `{arm}` {os.path.basename(seed_dir)}, relaunched at "
+                                 f"step {r['step']}: {fields}")
+    return lines
 
 
 def mean_curve(curves: dict[int, Curve]) -> tuple[Curve, np.ndarray, np.ndarray, np.ndarray,
@@ -488,6 +506,9 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           "Curves: seed mean, band = min-max over seeds.", "",
           f"## {metric} at each evaluated step (mean ± std over seeds)", "", table(curves), "",
           "## Run health", "", health_section(curves, checks, rise, stall), "",
+          "## Relaunches with changed settings", "",
+          *(relaunches(root) or ["None: every run kept the settings it started with."]),
+          "",
           f"## Speed-up over `{baseline}`", "",
           "Speed-up at a level = steps vanilla needs to reach it / steps the arm needs, "
           "each read off a curve by linear interpolation between evaluated steps. The "

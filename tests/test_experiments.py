@@ -295,6 +295,23 @@ def test_report_refuses_curves_that_mix_evaluation_settings(tmp_path, capsys):
         report.write_report(root, sampler="2step", n=64)
 
 
+def test_report_lists_runs_relaunched_with_changed_settings(tmp_path):
+    """A run of the sweep resumed with another learning rate (the trainer's
+    config_changes.jsonl) is named in the report: its curve mixes two settings."""
+    root = str(tmp_path)
+    _fake_sweep(root)
+    md = open(report.write_report(root)[0]).read()
+    assert "## Relaunches with changed settings\n\nNone: every run kept" in md
+    wd = os.path.join(root, "assignment.method=linear", "seed1")
+    with open(os.path.join(wd, "config_changes.jsonl"), "w") as f:
+        f.write(json.dumps({"step": 200, "time": "t",
+                            "changed": {"optim.lr": [0.001, 0.0005]}}) + "\n")
+    md = open(report.write_report(root)[0]).read()
+    assert ("- `assignment.method=linear` seed1, relaunched at step 200: `optim.lr` 0.001 -> "
+            "0.0005") in md
+    assert "None: every run kept" not in md
+
+
 def test_report_cli_errors(tmp_path, capsys):
     assert report.main(["--root", str(tmp_path)]) == 2
     assert "no eval rows" in capsys.readouterr().err
