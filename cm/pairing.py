@@ -108,6 +108,10 @@ class Pairing:
             first = start_step + (index - start_step) * k  # the Pipeline counts items
             arrays, diagnostics = [], []
             for i, batch in enumerate(group):
+                if self.device_fn is not None:  # the step pairs and measures: pass it on
+                    arrays.append(batch)
+                    diagnostics.append({})
+                    continue
                 a, d = assignment.split_diagnostics(batch_fn(batch, first + i))
                 arrays.append(a)
                 diagnostics.append(d)

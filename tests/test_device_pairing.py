@@ -87,3 +87,31 @@ def test_device_path_pairs_each_shard_inside_the_step(method, monkeypatch):
         assert cost[np.arange(per), perm].sum() == pytest.approx(cost[r, c].sum(), rel=1e-5)
         moved += int(np.any(perm != np.arange(per)))
     assert moved > 0, "no shard's noise was re-paired"
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_host_stage_measures_nothing_on_the_device_path(where, monkeypatch):
+    """On the device path the step measures the pairing; the host used to compute the
+    unpaired batch's distances as well, then throw them away (a full pass over each
+    batch in the input thread). The host path still measures (the patch is seen)."""
+    from assignment import _diagnostics
+
+    calls = []
+
+    def counting(x, z_before, z_after):
+        calls.append(len(x))
+        return {"distance_before": 1.0, "distance_after": 1.0, "reduction": 0.0}
+
+    monkeypatch.setattr(_diagnostics, "distance_stats", counting)
+    n_dev = jax.device_count()
+    config = tiny_config(**{"assignment.method": "linear", "assignment.where": where,
+                            "assignment.scope": "device", "training.batch_size": 8 * n_dev})
+    pair = pairing.Pairing(config, jax.local_device_count())
+    batcher = data.Batcher(data.load_digits(8), 8 * n_dev, seed=0, random_flip=False)
+    with pair.inputs(batcher, 0, place=lambda a: a) as inputs:
+        item = next(inputs)
+    if where == "device":
+        assert calls == [] and item["diagnostics"] == [{}]
+        np.testing.assert_array_equal(item["batch"]["z"], batcher.batch(0)["z"])
+    else:  # one call per batch prepared so far (the pipeline prefetches)
+        assert set(calls) == {8 * n_dev} and item["diagnostics"][0]["distance_before"] == 1.0
