@@ -123,6 +123,7 @@ def _refuse_early(mode: str, config, run_dir: str) -> None:
     if mode == "train":
         train.validate(config)
         workdir.check_compatible(run_dir, config)  # another shape, parameterisation or loss
+        train.check_not_past_end(run_dir, config.training.n_iters)
         if jax.process_count() == 1:  # several processes: train() asks process 0
             run_lock.check_free(run_dir)
     elif mode in ("sample", "eval"):

@@ -89,6 +89,25 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+SUBDIRS = ("checkpoints", "resume")  # the snapshots' and the resume checkpoints' folders
+
+
+def listed_steps(workdir: str) -> list[int]:
+    """The steps with a finished checkpoint in `workdir`, read off the folder names only.
+
+    What `Checkpointer.all_steps` lists (orbax names a finished step's folder by the step
+    alone; one being written carries a temporary suffix), without creating a manager or
+    any folder: for checks that must run before anything is written in the workdir.
+    """
+    steps = set()
+    for sub in SUBDIRS:
+        folder = os.path.join(workdir, sub)
+        if os.path.isdir(folder):
+            steps.update(int(name) for name in os.listdir(folder)
+                         if name.isdigit() and os.path.isdir(os.path.join(folder, name)))
+    return sorted(steps)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, keep: int = 3, snapshot_every: int = 0,
                  resume_every: int = 0):
@@ -96,9 +115,9 @@ class Checkpointer:
         self.snapshot_every = snapshot_every
         self.resume_every = resume_every
         opts = lambda n: ocp.CheckpointManagerOptions(max_to_keep=n, create=True)
-        self.snapshots = ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"),
+        self.snapshots = ocp.CheckpointManager(os.path.join(self.workdir, SUBDIRS[0]),
                                                options=opts(keep))
-        self.resume = ocp.CheckpointManager(os.path.join(self.workdir, "resume"),
+        self.resume = ocp.CheckpointManager(os.path.join(self.workdir, SUBDIRS[1]),
                                             options=opts(RESUME_KEEP))
 
     def snapshot_steps(self) -> list[int]:

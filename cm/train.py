@@ -189,6 +189,21 @@ def schedule_jumps(saved: ml_collections.ConfigDict, config: ml_collections.Conf
             for j in jumps]
 
 
+def check_not_past_end(run_dir: str, n_iters: int, newest: int | None = None) -> None:
+    """Refuses a `training.n_iters` below the step the run in `run_dir` has reached.
+
+    `newest` defaults to the newest checkpoint read off the folder names, so that
+    `main.py` can refuse before it writes anything (even the log) in the workdir.
+    """
+    if newest is None:
+        newest = max(checkpoints.listed_steps(run_dir), default=0)
+    if newest > n_iters:
+        raise ConfigError(
+            f"the run in {run_dir} is already at step {newest}, past training.n_iters="
+            f"{n_iters}; nothing was changed. To train on, set training.n_iters above "
+            f"{newest}; to use its checkpoints, --mode eval or --mode sample.")
+
+
 def train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | None = None,
           ) -> dict:
     """Trains (or resumes) the run in `run_dir`; returns the last logged metrics.
@@ -221,13 +236,11 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
-    newest = max(ckpt.all_steps(), default=0)
-    if newest > t.n_iters:
+    try:
+        check_not_past_end(run_dir, t.n_iters, max(ckpt.all_steps(), default=0))
+    except ConfigError:
         ckpt.close()
-        raise ConfigError(
-            f"the run in {run_dir} is already at step {newest}, past training.n_iters="
-            f"{t.n_iters}; nothing was changed. To train on, set training.n_iters above "
-            f"{newest}; to use its checkpoints, --mode eval or --mode sample.")
+        raise
     try:  # restored onto the abstract state: no initialisation to compile and discard
         start, state = ckpt.restore_newest(setup.abstract_state(), set_aside=True)
     except BaseException:

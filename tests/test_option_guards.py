@@ -67,3 +67,40 @@ def test_n_iters_below_the_runs_step_changes_nothing(tmp_path):
     assert open(workdir.config_path(run_dir)).read() == config_text
     after = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
     assert after == before
+
+
+def test_listed_steps_agree_with_orbax(tmp_path):
+    """`listed_steps` reads folder names (no manager, nothing created); orbax is the
+    reference: snapshots and resume checkpoints, with a half-written step beside them."""
+    run_dir = str(tmp_path / "run")
+    assert checkpoints.listed_steps(run_dir) == [] and not os.path.exists(run_dir)
+    state = Setup(tiny_config()).init_state()
+    ckpt = checkpoints.Checkpointer(run_dir, keep=2, snapshot_every=4, resume_every=2)
+    for step in (2, 4, 6, 8):
+        ckpt.save(step, state)
+    ckpt.wait()
+    os.makedirs(os.path.join(run_dir, "resume", "10.orbax-checkpoint-tmp-1"))
+    ckpt.reload()
+    expected = ckpt.all_steps()
+    ckpt.close()
+    assert len(expected) >= 3  # snapshots 4, 8 and resume 6, 8
+    assert checkpoints.listed_steps(run_dir) == expected
+
+
+def test_main_refuses_n_iters_below_the_runs_step_before_writing(tmp_path):
+    """main.py refuses before it opens the workdir's log: nothing in it changes."""
+    run_dir = tmp_path / "run"
+    config = quickstart.get_config("smoke")
+    workdir.write_config(str(run_dir), config)
+    os.makedirs(run_dir / "checkpoints" / "5")  # what listed_steps reads: a run at step 5
+    before = sorted((p.relative_to(run_dir), p.stat().st_mtime) for p in run_dir.rglob("*"))
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config", "configs/quickstart.py:smoke",
+         "--config.training.n_iters=4", "--workdir", str(run_dir)],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "already at step 5, past training.n_iters=4" in result.stderr
+    assert "Traceback" not in result.stderr
+    after = sorted((p.relative_to(run_dir), p.stat().st_mtime) for p in run_dir.rglob("*"))
+    assert after == before
