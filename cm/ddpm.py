@@ -66,6 +66,13 @@ class Schedule:
         ct = np.sqrt(1.0 - self.betas) * (1.0 - a_prev) / (1.0 - a)
         return c0, ct
 
+    def respaced(self, seq: np.ndarray) -> "Schedule":
+        """The schedule on the ascending sub-sequence `seq` of timesteps: alpha_bar kept at
+        those steps, beta'_i = 1 - alpha_bar_{seq_i} / alpha_bar_{seq_{i-1}} (Nichol &
+        Dhariwal 2021, sec. 4); `seq = arange(T)` gives this schedule back."""
+        a = self.alphas_cumprod[np.asarray(seq)]
+        return Schedule(1.0 - a / np.append(1.0, a[:-1]))
+
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4,
                beta_end: float = 0.02) -> np.ndarray:
@@ -204,13 +211,11 @@ def ancestral_loop(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consisten
     when `clip_denoised` (DDPM's and ddpm-torch's default).
     """
     seq = timesteps(cfg.num_timesteps, steps, skip)
-    ab = schedule_of(cfg).alphas_cumprod
-    a = ab[seq]
-    a_prev = np.append(1.0, a[:-1])
-    beta = 1.0 - a / a_prev
-    c0 = np.sqrt(a_prev) * beta / (1.0 - a)
-    ct = np.sqrt(1.0 - beta) * (1.0 - a_prev) / (1.0 - a)
-    sigma = np.where(np.arange(steps) > 0, np.sqrt(beta), 0.0)
+    schedule = schedule_of(cfg)
+    sub = schedule.respaced(seq)
+    a = schedule.alphas_cumprod[seq]
+    c0, ct = sub.posterior_mean_coefs
+    sigma = np.where(np.arange(steps) > 0, np.sqrt(sub.betas), 0.0)
     table = _descending(seq, np.sqrt(a), np.sqrt(1.0 - a), c0, ct, sigma)
 
     def body(i, x):

@@ -71,6 +71,19 @@ def test_posterior_mean_and_variance_from_bayes_rule(t):
     assert c0[t] * x0 + ct[t] * xt == pytest.approx(want_mean, rel=1e-9)
 
 
+def test_respaced_schedule_keeps_alpha_bar_on_the_sub_sequence():
+    """Respacing keeps alpha_bar at the chosen steps (the linear schedule's closed-form
+    product, here in plain Python) and gives the full schedule back on arange(T)."""
+    sched = ddpm.schedule_of(CFG)
+    seq = np.array([0, 3, 99, 400, 998])
+    sub = sched.respaced(seq)
+    want = linear_alpha_bar()[seq]
+    np.testing.assert_allclose(sub.alphas_cumprod, want, rtol=1e-12)
+    assert sub.betas[0] == pytest.approx(1 - want[0], rel=1e-12)
+    assert sub.betas[2] == pytest.approx(1 - want[2] / want[1], rel=1e-12)
+    np.testing.assert_allclose(sched.respaced(np.arange(T)).betas, sched.betas, rtol=1e-9)
+
+
 def test_loss_diffuses_with_z_and_regresses_it():
     """The network sees x_t = sqrt(abar_t) x + sqrt(1 - abar_t) z at the integer t; the
     loss is the mean squared error between its output and z."""
