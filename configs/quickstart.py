@@ -12,7 +12,7 @@ network less sensitive to small differences in the noise level, which stabilises
 consistency training). With 16 this config collapsed on some seeds: one-step samples got
 worse from step 300 on and ended as grey noise (`fd_pixels` 6.1 at step 800 for seed 9),
 while two-step samples stayed good. The lognormal level distribution trains the interval
-next to sigma_max = 80, where one-step sampling starts, about once per 90 steps at
+next to sigma_max = 80, where one-step sampling starts, about once per 95 steps at
 N = 161, and with a scale-16 embedding the network's output there has little to do with
 the levels it does train. Measured (10 seeds), lr and decay tried: docs/results.md,
 "Why some seeds collapsed".
