@@ -168,3 +168,30 @@ def test_ict_levels_follow_lognormal():
     np.testing.assert_allclose(freq, p, atol=0.015)
     np.testing.assert_allclose(np.asarray(w), 1 / (np.asarray(t_hi) - np.asarray(t_lo)),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("K, s0, s1", [(400_000, 3, 100), (1000, 7, 20)])
+def test_ict_curriculum_floors_the_ratio(K, s0, s1):
+    """K' = floor(K / (log2 floor(s1/s0) + 1)) floors s1/s0 inside the log. Every other
+    test uses s1/s0 integer (1280/10, 150/10, 40/10), where the inner floor changes
+    nothing; here it does, and N(k) is checked on both sides of the first doubling."""
+    k_prime = math.floor(K / (math.log2(math.floor(s1 / s0)) + 1))
+    assert k_prime != math.floor(K / (math.log2(s1 / s0) + 1))  # the floor matters here
+    for k in (0, k_prime - 200, k_prime - 1, k_prime, 2 * k_prime - 1, 2 * k_prime, K):
+        want = min(s0 * 2 ** math.floor(k / k_prime), s1) + 1
+        assert int(schedules.ict_num_scales(k, K, s0, s1)) == want, k
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03])
+def test_pseudo_huber_with_an_explicit_c(c):
+    """cm.huber_c >= 0 is used as given (configs/base.py: only < 0 means the iCT default
+    0.00054 sqrt(dim)); c = 0 makes the metric the plain Euclidean norm ||a - b||."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 4, 4, 3)).astype(np.float32)
+    b = rng.normal(size=(3, 4, 4, 3)).astype(np.float32)
+    sq = ((a.astype(np.float64) - b) ** 2).reshape(3, -1).sum(axis=1)
+    want = np.sqrt(sq + c * c) - c
+    got = np.asarray(consistency.distance(jnp.asarray(a), jnp.asarray(b), "pseudo_huber", c))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    if c == 0.0:
+        np.testing.assert_allclose(got, np.sqrt(sq), rtol=1e-6)
