@@ -13,7 +13,17 @@ import scipy.optimize
 from sklearn.datasets import load_digits
 
 import assignment
-from assignment import Options, _cost, _device, _diagnostics, _knn, _linear, _methods, make_batch_fn
+from assignment import (
+    Options,
+    _batch,
+    _cost,
+    _device,
+    _diagnostics,
+    _knn,
+    _linear,
+    _methods,
+    make_batch_fn,
+)
 
 SIZES = (0, 1, 2, 7, 64, 257)
 QUANTIZED = ("float16", "bfloat16")
@@ -457,3 +467,19 @@ def test_registries():
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(f"assignment.{module}"))
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_knn_draws_differ_between_hosts():
+    """In a multi-host run every host pairs its own batch with `process_index` set: its
+    knn candidates must be fresh draws of its own, not a copy of host 0's (the same
+    candidates on every host would correlate the noise across the global batch)."""
+    x, z = _digit_batch(24, seed=14)
+    batch = {"x": x, "z": z}
+    on = {p: make_batch_fn(Options("knn", seed=4, process_index=p))(batch, 10)["z"]
+          for p in (0, 1)}
+    assert not np.array_equal(on[0], on[1])
+    a, b = (_batch.knn_rng(4, 10, p).standard_normal(64) for p in (0, 1))
+    assert not np.array_equal(a, b)
+    # ...and stays a function of (seed, step, process_index): a resumed host replays it.
+    again = make_batch_fn(Options("knn", seed=4, process_index=1))(batch, 10)["z"]
+    np.testing.assert_array_equal(again, on[1])
