@@ -216,3 +216,27 @@ def test_evaluate_rejects_bad_settings(trained, tmp_path):
         eval_run.evaluate(trained, config)
     with pytest.raises(FileNotFoundError, match="config.json"):
         eval_run.evaluate(str(tmp_path / "nothing"))
+
+
+def test_a_cut_round_keeps_only_its_first_count_samples():
+    """The last round of an evaluation draws a full batch but counts `count` samples (40
+    samples in batches of 16: 16 + 16 + 8); the Frechet distance must see exactly
+    eval.n_samples images, so the round returns the features of the first `count` only."""
+    images = np.arange(16 * 2 * 2, dtype=np.uint8).reshape(16, 2, 2, 1)
+
+    def sampler(params, key, batch):
+        assert batch == 16
+        return images
+
+    pixels = features.Features("pixels", "fd_pixels", 4,
+                               lambda im: (im.reshape(len(im), -1) / 255.0, None))
+    feats, logits = eval_run.round_features(sampler, None, jax.random.PRNGKey(0), 16, 8, pixels)
+    assert logits is None and feats.shape == (8, 4)
+    np.testing.assert_array_equal(feats, images[:8].reshape(8, 4) / 255.0)
+    with_logits = features.Features("pixels", "fd_pixels", 4,
+                                    lambda im: (im.reshape(len(im), -1) / 255.0,
+                                                im.reshape(len(im), -1)[:, :3] * 1.0))
+    feats, logits = eval_run.round_features(sampler, None, jax.random.PRNGKey(0), 16, 5,
+                                            with_logits)
+    assert feats.shape == (5, 4) and logits.shape == (5, 3)
+    np.testing.assert_array_equal(logits, images[:5].reshape(5, 4)[:, :3])
