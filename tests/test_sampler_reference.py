@@ -130,3 +130,9 @@ def test_recorded_ode_times_follow_karras_rho():
     for solver, steps in (("heun", 18), ("euler", 50)):
         np.testing.assert_allclose(solvers.times(cfg, solver, steps), edm_times(steps),
                                    rtol=1e-12)
+
+
+@pytest.mark.parametrize("ts", [(80.0, 80.0), (0.821, 80.0), (80.0, 0.5, 0.5)])
+def test_consistency_sampling_refuses_times_not_strictly_descending(ts):
+    with pytest.raises(ValueError, match="strictly descending"):
+        sampling.sample(net_jnp, None, cfg_of("ct"), jax.random.PRNGKey(0), SHAPE, ts)
