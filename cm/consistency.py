@@ -102,7 +102,7 @@ class CMConfig:
         """mu(k) of the CT target EMA; 0 for iCT (target = current parameters), EDM, DDPM."""
         if self.loss in ("ict", "edm", "ddpm"):
             return jnp.zeros((), jnp.float32)
-        if self.loss == "cd":  # fixed target EMA mu0 (0.95 for CIFAR-10 CD)
+        if self.loss == "cd":  # fixed target EMA mu0 (0 for CIFAR-10 CD, configs/cifar10_cd.py)
             return jnp.asarray(self.start_ema, jnp.float32)
         return schedules.ct_ema_decay(self.num_scales(step), self.start_scales, self.start_ema)
 
