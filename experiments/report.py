@@ -29,7 +29,7 @@ VANILLA = "assignment.method=none"
 
 __all__ = ["Curve", "Health", "Reach", "arm_curves", "default_levels", "health",
            "load_rows", "main", "mean_curve", "plot", "relaunches", "setting", "speedups",
-           "steps_to_reach", "table", "write_report"]
+           "steps_to_reach", "table", "uneven_steps", "write_report"]
 
 RISE = 0.5  # a run whose last value is more than 50% above its own best is unhealthy
 STALL = 2.0  # ... and one whose best stays above 2x the median best of its arm's other seeds
@@ -167,10 +167,17 @@ def relaunches(root: str) -> list[str]:
     return lines
 
 
-def mean_curve(curves: dict[int, Curve]) -> tuple[Curve, np.ndarray, np.ndarray, np.ndarray,
-                                                  np.ndarray]:
-    """The seed mean at every step some seed evaluated, with std, min, max and count."""
-    steps = np.array(sorted({float(s) for c in curves.values() for s in c.steps}))
+def mean_curve(curves: dict[int, Curve], common: bool = False,
+               ) -> tuple[Curve, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The seed mean at every step some seed evaluated, with std, min, max and count.
+
+    With `common`, only at the steps every seed evaluated: a mean over a changing set of
+    seeds (one run's evaluation cut short, say) would move where no run moved, so the
+    speed-ups read the common steps only (the table and the plot show every step, with
+    its count).
+    """
+    sets = [{float(s) for s in c.steps} for c in curves.values()]
+    steps = np.array(sorted(set.intersection(*sets) if common else set.union(*sets)))
     per_step = [[float(c.values[c.steps == s][0]) for c in curves.values() if s in c.steps]
                 for s in steps]
     mean = np.array([np.mean(v) for v in per_step])
@@ -179,6 +186,16 @@ def mean_curve(curves: dict[int, Curve]) -> tuple[Curve, np.ndarray, np.ndarray,
     hi = np.array([np.max(v) for v in per_step])
     count = np.array([len(v) for v in per_step])
     return Curve(steps, mean), std, lo, hi, count
+
+
+def uneven_steps(curves: dict[str, dict[int, Curve]]) -> dict[str, list[float]]:
+    """Per arm, the steps that some seeds evaluated and others did not (none: left out)."""
+    out = {}
+    for arm, per_seed in curves.items():
+        sets = [{float(s) for s in c.steps} for c in per_seed.values()]
+        if missing := sorted(set.union(*sets) - set.intersection(*sets)):
+            out[arm] = missing
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,8 +316,8 @@ def speedups(vanilla: dict[int, Curve], arm: dict[int, Curve], level: float) -> 
       seed-mean curves' steps), 'pairs': {seed: float | None}, 'vanilla_missed': [seeds],
       'arm_missed': [seeds], 'censored': bool (some ratio is a bound; see `Reach`)}.
     """
-    mv, ma = steps_to_reach(mean_curve(vanilla)[0], level), steps_to_reach(
-        mean_curve(arm)[0], level)
+    mv, ma = steps_to_reach(mean_curve(vanilla, common=True)[0], level), steps_to_reach(
+        mean_curve(arm, common=True)[0], level)
     out: dict = {"mean_vanilla": mv, "mean_arm": ma, "pairs": {}, "vanilla_missed": [],
                  "arm_missed": [], "censored": bool(mv.censored or ma.censored)}
     out["mean"] = (mv.step / ma.step if mv.step is not None and ma.step
@@ -397,7 +414,7 @@ def speedup_table(curves: dict[str, dict[int, Curve]], baseline: str,
             v, x = _without(curves[baseline], drop[a]), _without(curves[a], drop[a])
             cells.append(_speedup_cell(speedups(v, x, level)) if v and x
                          else "no healthy pair")
-        rv = steps_to_reach(mean_curve(base_ok)[0], level)
+        rv = steps_to_reach(mean_curve(base_ok, common=True)[0], level)
         vs = "never" if rv.step is None else f"{rv.step:.0f}"
         lines.append(f"| {_fmt(level)} | {vs} | " + " | ".join(cells) + " |")
     notes = [f"`{a}`: seed(s) {', '.join(map(str, sorted(d)))} left out (an unhealthy run "
@@ -494,7 +511,8 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
     checks = health(curves, rise, stall)
     png = plot(curves, os.path.join(out_dir, PLOT), metric, sampler, checks=checks)
     bad_base = {h.seed for h in checks if not h.ok and h.arm == baseline}
-    base_mean = mean_curve(_without(curves[baseline], bad_base) or curves[baseline])[0]
+    base_mean = mean_curve(_without(curves[baseline], bad_base) or curves[baseline],
+                           common=True)[0]
     lv = ([(float(x), None) for x in levels] if levels
           else default_levels(base_mean, max_levels))
     n_seeds = {a: len(c) for a, c in curves.items()}
@@ -526,6 +544,11 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
         md.append("Only one arm: nothing to compare.")
     else:
         md.append(speedup_table(curves, baseline, lv, checks))
+        if uneven := uneven_steps(curves):
+            md += ["", "The seed-mean speed-ups read only the steps every seed of an arm "
+                   "evaluated; left out: " + "; ".join(
+                       f"`{a}` step(s) {', '.join(f'{x:g}' for x in st)}"
+                       for a, st in uneven.items()) + " (not evaluated by every seed)."]
     path = os.path.join(out_dir, REPORT)
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")

@@ -42,14 +42,17 @@ def test_speedup_pairs_runs_by_seed_and_divides_vanilla_by_arm():
     assert set(sp["pairs"]) == {0, 1}
     assert sp["pairs"][0] == pytest.approx(200 / 50)  # seed 0 with seed 0
     assert sp["pairs"][1] == pytest.approx(400 / 400)
-    # Seed-mean curves: vanilla's mean at steps 0, 400, 600, 800 over the seeds
-    # evaluated there; reached where it crosses 5, by interpolation.
+    # The table's seed-mean curves: vanilla's mean at steps 0, 400, 600, 800 over the
+    # seeds evaluated there (one seed at each later step).
     mv = report.mean_curve(vanilla)[0]
     assert mv.steps.tolist() == [0, 400, 600, 800]
-    assert mv.values.tolist() == [10.0, 0.0, 0.0, 0.0]  # one seed at each later step
+    assert mv.values.tolist() == [10.0, 0.0, 0.0, 0.0]
     ma = report.mean_curve(arm)[0]
     assert ma.steps.tolist() == [0, 100, 800] and ma.values.tolist() == [10, 0, 0]
-    assert sp["mean"] == pytest.approx(200 / 50)
+    # The speed-ups' seed means read only the steps every seed evaluated: step 0 here,
+    # where neither arm is at 5 (the union's 200 / 50 would mix seeds 0 and 1).
+    assert report.mean_curve(vanilla, common=True)[0].steps.tolist() == [0]
+    assert sp["mean"] is None and sp["mean_vanilla"].step is None
 
 
 def test_vanilla_seeds_that_miss_a_level_are_named():
@@ -139,3 +142,19 @@ def test_a_failed_training_is_not_evaluated(tmp_path, monkeypatch):
 
     out = sweep.run_sweep(QUICKSTART, runs, execute=execute, log=lambda _: None)
     assert modes == ["train"] and out["failed"] == runs
+
+
+def test_seed_mean_speedups_read_only_the_steps_every_seed_evaluated():
+    """A seed whose evaluation stopped early must not move the seed mean: vanilla seed 1
+    lacks step 400, where seed 0 alone (value 4) would pull the 'mean' below level 5 at
+    step 350 (interpolated between 6 at 300 and 4 at 400) and give 350 / 300."""
+    vanilla = {0: _curve([100, 200, 300, 400], [10, 8, 6, 4]),
+               1: _curve([100, 200, 300], [10, 8, 6])}
+    arm = {s: _curve([100, 200, 300, 400], [10, 7, 5, 3]) for s in (0, 1)}
+    sp = report.speedups(vanilla, arm, 5.0)
+    assert sp["mean_vanilla"].step is None and sp["mean"] is None  # 10, 8, 6: not reached
+    assert sp["mean_arm"].step == pytest.approx(300)
+    assert sp["pairs"][0] == pytest.approx(350 / 300)  # the pair of seed 0 has step 400
+    assert report.uneven_steps({"none": vanilla, "linear": arm}) == {"none": [400.0]}
+    table = report.table({"none": vanilla})  # every step stays in the table, with its n
+    assert "| 400 | 4 (n=1) |" in table
