@@ -367,10 +367,13 @@ def table(curves: dict[str, dict[int, Curve]]) -> str:
 def _speedup_cell(sp: dict) -> str:
     if sp["mean_vanilla"].step is None:
         return "vanilla does not reach it"
+    bound_v, bound_a = sp["mean_vanilla"].censored, sp["mean_arm"].censored
     if sp["mean_arm"].step is None:
         head = "not reached"
-    else:
-        head = ("≥ " if sp["mean_arm"].censored else "") + f"{sp['mean']:.2f}×"
+    elif bound_v and bound_a:
+        head = "both there at their first evaluated step"
+    else:  # a censored step is an upper bound of the true one
+        head = ("≥ " if bound_a else "≤ " if bound_v else "") + f"{sp['mean']:.2f}×"
     ratios = [r for r in sp["pairs"].values() if r is not None]
     parts = []
     if len(ratios) > 1:
@@ -534,7 +537,7 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           "seed (same initialisation and data order) and gives mean ± std [min, max] of "
           "those ratios. 'not reached': the arm never gets to the level in the evaluated "
           "steps. '≥': the arm is already there at its first evaluated step, so the ratio "
-          "is a lower bound."
+          "is a lower bound; '≤': vanilla is, so it is an upper bound."
           + ("" if levels else " Levels: vanilla's running-best seed-mean value at its "
              "evaluated steps (the last is the best level vanilla reaches)."), ""]
     if not lv:

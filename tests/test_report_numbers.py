@@ -77,6 +77,18 @@ def test_an_arm_already_at_the_level_at_its_first_step_is_a_lower_bound():
     assert report._speedup_cell(plain).startswith(f"{250 / 175:.2f}×")
 
 
+def test_vanilla_already_at_the_level_at_its_first_step_is_an_upper_bound():
+    """Vanilla's reach is then an upper bound of its true step, so the ratio is too."""
+    vanilla = {0: _curve([100, 200, 300], [3, 2, 1])}
+    arm = {0: _curve([100, 200, 300], [10, 6, 2])}
+    sp = report.speedups(vanilla, arm, 4.0)
+    # The arm crosses 4 at 200 + 100 * (6 - 4) / (6 - 2) = 250; vanilla "at" 100.
+    assert sp["mean_vanilla"].censored and sp["mean"] == pytest.approx(100 / 250)
+    assert report._speedup_cell(sp).startswith("≤ 0.40×")
+    both = report.speedups(vanilla, {0: _curve([100, 200], [2, 1])}, 4.0)
+    assert report._speedup_cell(both).startswith("both there at their first evaluated step")
+
+
 def test_stall_threshold_is_twice_the_median_best_of_the_other_seeds():
     # Bests 1.0, 1.0, 1.6, 2.1 (each curve's last value: no late rise).
     bests = {0: 1.0, 1: 1.0, 2: 1.6, 3: 2.1}
