@@ -269,7 +269,9 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
     `eval.samplers`, draws `eval.n_samples` images with the EMA parameters
     `sample.ema_index`, in rounds of `eval.batch_size` (rounded up to a multiple of the
     device count), and appends a row to `<run_dir>/eval.jsonl`:
-    `{"step", "sampler", "ts", "nfe", "n", "metric", <metric>: distance, "is", "is_std"}`
+    `{"step", "sampler", "ts", "nfe", "n", "metric", <metric>: distance, "is", "is_std",
+    "ema"}` (`ema`: the rate of the EMA parameters sampled, `training.ema_rates[
+    sample.ema_index]`; rows written before 2026-11-30 lack it)
     with metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
     already there (same step, sampler, times, n, metric and eta) are not recomputed. For
     an EDM run the samplers are ODE solvers ('heun18', 'euler50'; `ts` records their
@@ -362,6 +364,7 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                     logging.info("stopped after max_rounds=%s; run again to continue",
                                  max_rounds)
                     return rows
+                row["ema"] = float(saved.training.ema_rates[saved.sample.ema_index])
                 append_row(run_dir, row)
                 progress.remove()
                 done[keys[s]] = row

@@ -35,6 +35,7 @@ def test_evaluation_samples_with_the_configured_ema(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_run, "_evaluate_one", spy)
     rows = eval_run.evaluate(run_dir)
     assert len(rows) == 1 and len(seen) == 1
+    assert rows[0]["ema"] == 0.5  # the row says which EMA it was computed from
     ckpt = checkpoints.Checkpointer(run_dir)
     state = jax.device_get(ckpt.restore(Setup(workdir.load_config(run_dir)).abstract_state(), 1))
     ckpt.close()
