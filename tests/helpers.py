@@ -1,6 +1,12 @@
 """Tiny configs shared by the end-to-end tests."""
 
+import os
+import subprocess
+import sys
+
 from configs import quickstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The quickstart's network shape (two levels, attention at 4x4, FIR resampling, residual
 # progressive input): for the end-to-end run that keeps the real architecture in the loop
@@ -51,3 +57,10 @@ def tiny_config(**overrides):
     config.training.n_grid = 8
     config.optim.warmup = 2
     return override(config, **overrides)
+
+
+def run_main(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python main.py *args` from the project root on the CPU; output captured."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

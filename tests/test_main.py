@@ -1,18 +1,8 @@
 """main.py fails at once, with one clear line and nothing written, on bad flags."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+from tests.helpers import run_main
 
 
 @pytest.mark.parametrize("args, message", [

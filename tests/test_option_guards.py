@@ -1,17 +1,13 @@
 """Options that would destroy work or memory are refused, with what to do instead."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from cm import checkpoints, pairing, train, workdir
 from cm.setup import Setup
 from configs import base, quickstart
-from tests.helpers import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_main, tiny_config
 
 
 def test_keep_snapshots_zero_is_refused():
@@ -41,11 +37,8 @@ def test_unknown_config_argument_is_refused(tmp_path):
         quickstart.get_config("smok")
     assert base.with_arg(quickstart.get_config(), "").training.n_iters == 800
     workdir_ = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "main.py", "--config", "configs/quickstart.py:smok",
-         "--config.training.n_iters=1", "--workdir", str(workdir_)],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=300)
+    result = run_main("--config", "configs/quickstart.py:smok", "--config.training.n_iters=1",
+                      "--workdir", str(workdir_), timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "unknown config argument 'smok'" in result.stderr and "Traceback" not in result.stderr
     assert not workdir_.exists()
@@ -94,11 +87,8 @@ def test_main_refuses_n_iters_below_the_runs_step_before_writing(tmp_path):
     workdir.write_config(str(run_dir), config)
     os.makedirs(run_dir / "checkpoints" / "5")  # what listed_steps reads: a run at step 5
     before = sorted((p.relative_to(run_dir), p.stat().st_mtime) for p in run_dir.rglob("*"))
-    result = subprocess.run(
-        [sys.executable, "main.py", "--config", "configs/quickstart.py:smoke",
-         "--config.training.n_iters=4", "--workdir", str(run_dir)],
-        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-        timeout=300)
+    result = run_main("--config", "configs/quickstart.py:smoke", "--config.training.n_iters=4",
+                      "--workdir", str(run_dir), timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "already at step 5, past training.n_iters=4" in result.stderr
     assert "Traceback" not in result.stderr
