@@ -312,9 +312,8 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
             end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
             while step < end:
                 item = next(inputs)  # this call's k batches, paired and on the mesh
-                if pair.device_fn is None:  # else the host only passes the noise on
-                    for diagnostics in item["diagnostics"]:
-                        meter.add(diagnostics)
+                for diagnostics in item["diagnostics"]:  # empty on the device path
+                    meter.add(diagnostics)
                 state, metrics = step_fn(state, item["batch"], frozen)
                 step += k
                 if step == start + k and is_main:  # one sync, to say what start-up cost

@@ -115,3 +115,21 @@ def test_host_stage_measures_nothing_on_the_device_path(where, monkeypatch):
         np.testing.assert_array_equal(item["batch"]["z"], batcher.batch(0)["z"])
     else:  # one call per batch prepared so far (the pipeline prefetches)
         assert set(calls) == {8 * n_dev} and item["diagnostics"][0]["distance_before"] == 1.0
+
+
+def test_trainer_logs_the_steps_own_pairing_on_the_device_path(tmp_path):
+    """metrics.jsonl carries the in-step distances: nothing from the host (which pairs
+    nothing there, so it would report a reduction of 0) overwrites them."""
+    import json
+
+    from cm import train
+
+    n_dev = jax.device_count()
+    config = tiny_config(**{"assignment.method": "linear", "assignment.where": "device",
+                            "assignment.scope": "device", "training.batch_size": 8 * n_dev,
+                            "training.n_iters": 2, "training.log_every": 1})
+    train.train(config, str(tmp_path))
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["distance_after"] < r["distance_before"] and r["reduction"] > 0, r
