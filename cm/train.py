@@ -189,14 +189,13 @@ def schedule_jumps(saved: ml_collections.ConfigDict, config: ml_collections.Conf
             for j in jumps]
 
 
-def check_not_past_end(run_dir: str, n_iters: int, newest: int | None = None) -> None:
+def check_not_past_end(run_dir: str, n_iters: int) -> None:
     """Refuses a `training.n_iters` below the step the run in `run_dir` has reached.
 
-    `newest` defaults to the newest checkpoint read off the folder names, so that
+    The newest checkpoint is read off the folder names (no checkpoint manager), so that
     `main.py` can refuse before it writes anything (even the log) in the workdir.
     """
-    if newest is None:
-        newest = max(checkpoints.listed_steps(run_dir), default=0)
+    newest = max(checkpoints.listed_steps(run_dir), default=0)
     if newest > n_iters:
         raise ConfigError(
             f"the run in {run_dir} is already at step {newest}, past training.n_iters="
@@ -226,6 +225,7 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     clock, t_start = compile_cache.CompileClock(), time.perf_counter()
     is_main = distributed.is_main()  # writes config.json, metrics, log lines and grids
     changed = workdir.check_compatible(run_dir, config)  # raises before anything is written
+    check_not_past_end(run_dir, config.training.n_iters)  # so does this
     saved = workdir.saved_dict(run_dir)
     images, labels = data.load_dataset(data.DataConfig.from_config(config))
     labels = check_labels(config, labels)
@@ -236,11 +236,6 @@ def _train(config: ml_collections.ConfigDict, run_dir: str, stop_after: int | No
     ckpt = checkpoints.Checkpointer(run_dir, keep=t.keep_snapshots,
                                     snapshot_every=t.snapshot_every,
                                     resume_every=t.resume_every)
-    try:
-        check_not_past_end(run_dir, t.n_iters, max(ckpt.all_steps(), default=0))
-    except ConfigError:
-        ckpt.close()
-        raise
     try:  # restored onto the abstract state: no initialisation to compile and discard
         start, state = ckpt.restore_newest(setup.abstract_state(), set_aside=True)
     except BaseException:
