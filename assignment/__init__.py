@@ -4,38 +4,34 @@ What a user of the method needs, and nothing else:
 
 - host (numpy): `assign(x, z, method, **options)` and `permutation(...)` with methods
   "none", "linear" (exact minimum total cost) and "knn";
-- the pipeline stage: `Options` (the `assignment` config section, checked),
-  `make_batch_fn(options)` and `Pipeline`, which pair batches in a background thread
-  ahead of the training step; `split_diagnostics` separates the distances they report;
 - device (jittable): `device_assign(x, z, method, key=..., ...)`;
-- the names: `METHODS`, `DEVICE_METHODS`, `SCOPES`, `COSTS`, `DTYPES`, `SOLVERS`.
+- the diagnostic: `pair_distances(x, z)`, the image-noise distance of each row;
+- the names: `METHODS`, `PERMUTING` (the methods with a `permutation`),
+  `DEVICE_METHODS`, `COSTS`, `DTYPES`, `SOLVERS`.
 
 The building blocks (cost matrices, solvers, knn candidates) are in the private
-modules. This package imports nothing from the rest of the project.
+modules. This package imports nothing from the rest of the project; the training
+pipeline's stage that calls it is `cm.pairing`.
 """
 
-from assignment._batch import SCOPES, Options, make_batch_fn
 from assignment._cost import COSTS, DTYPES
 from assignment._device import DEVICE_METHODS, device_assign
-from assignment._diagnostics import split_diagnostics
+from assignment._diagnostics import pair_distances
 from assignment._linear import SOLVERS
-from assignment._methods import METHODS, assign, permutation
-from assignment._pipeline import Pipeline, PipelineError, PipelineStats
+from assignment._methods import METHODS, PERMUTATIONS, assign, permutation
+
+PERMUTING = tuple(PERMUTATIONS)
+del PERMUTATIONS
 
 __all__ = [
     "COSTS",
     "DEVICE_METHODS",
     "DTYPES",
     "METHODS",
-    "SCOPES",
+    "PERMUTING",
     "SOLVERS",
-    "Options",
-    "Pipeline",
-    "PipelineError",
-    "PipelineStats",
     "assign",
     "device_assign",
-    "make_batch_fn",
+    "pair_distances",
     "permutation",
-    "split_diagnostics",
 ]

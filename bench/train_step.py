@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cm import nets, train_step
+from cm.runtime import distributed
 from cm.setup import Setup
 
 config_flags.DEFINE_config_file("config", "configs/cifar10_ct.py", "Config file.",
@@ -127,10 +128,11 @@ def random_frozen(setup: Setup, params):
     of `params`), for `cm.metric=lpips` randomly initialised LPIPS weights.
     """
     teacher_apply, frozen = None, {"step_key": setup.step_key}
-    if setup.cm.loss == "cd":
+    wanted = setup.objective.frozen_inputs(setup.cm)
+    if "teacher" in wanted:
         teacher_apply = setup.apply_fn
         frozen["teacher"] = jax.tree.map(lambda p: p + 0.0, params)
-    if setup.cm.uses_lpips:
+    if "lpips" in wanted:
         from cm.nets import lpips
 
         frozen["lpips"] = jax.device_put(lpips.init_variables(jax.random.PRNGKey(2)),
@@ -146,7 +148,7 @@ def random_step(setup: Setup, k: int = 1):
     state = setup.init_state()
     frozen, teacher_apply = random_frozen(setup, state.params)
     step_fn = train_step.make_train_step(
-        setup.apply_fn, setup.cm, setup.tx, train_step.ema_rates(config.training), setup.mesh,
+        setup.apply_fn, setup.cm, setup.objective, setup.tx, config.training.rates, setup.mesh,
         teacher_apply_fn=teacher_apply, steps_per_call=k)
     b, s, c = config.training.batch_size, config.data.image_size, config.data.num_channels
     rng = np.random.default_rng(0)
@@ -154,9 +156,9 @@ def random_step(setup: Setup, k: int = 1):
             "z": rng.standard_normal((b, s, s, c), dtype=np.float32)}
     if config.model.num_classes > 0:
         host["label"] = rng.integers(0, config.model.num_classes, (b,), dtype=np.int32)
-    batch = train_step.shard_batch(host, setup.mesh)
+    batch = distributed.shard_batch(host, setup.mesh)
     if k > 1:  # k steps' batches (the same arrays: the cost is the same)
-        batch = tuple(train_step.shard_batch(host, setup.mesh) for _ in range(k))
+        batch = tuple(distributed.shard_batch(host, setup.mesh) for _ in range(k))
     return state, frozen, step_fn, host, batch
 
 
@@ -165,7 +167,7 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True,
     """Times `steps` calls per window of the step (each call `steps_per_call` steps)."""
     setup = Setup(config)
     state, frozen, step_fn, host, batch = random_step(setup, steps_per_call)
-    ema_rates = train_step.ema_rates(config.training)
+    ema_rates = setup.config.training.rates
     b, k = config.training.batch_size, steps_per_call
 
     t0 = time.perf_counter()
@@ -207,7 +209,8 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True,
         out["fraction_of_peak"] = flops / k * sps / (peak * jax.device_count())
     if breakdown:
         update = jax.jit(
-            lambda st, g: train_step.apply_updates(st, g, setup.tx, setup.cm, ema_rates)[0],
+            lambda st, g: train_step.apply_updates(st, g, setup.tx, setup.cm, setup.objective,
+                                                   ema_rates)[0],
             donate_argnums=(0,))
         grads = jax.tree.map(lambda p: p * 1e-3, state.params)
         holder = {"state": update(state, grads)}  # compile; `state` is donated from here
@@ -219,7 +222,7 @@ def benchmark(config, steps: int, windows: int, breakdown: bool = True,
         back_to_back(one_update, 2)  # warm up
         out["update_s"], out["update_dispatch_s"] = back_to_back(one_update, max(steps, 5))
         out["transfer_s"] = _median_seconds(
-            lambda: train_step.shard_batch(host, setup.mesh), max(steps, 5))
+            lambda: distributed.shard_batch(host, setup.mesh), max(steps, 5))
     return out
 
 

@@ -25,7 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from assignment import _linear  # noqa: E402
 from bench.train_step import is_out_of_memory, memory_line, random_frozen  # noqa: E402
+from cm import config as config_lib
 from cm import data, pairing, train_step  # noqa: E402
+from cm.runtime import distributed
+from cm.runtime.views import DataConfig, view
 from cm.setup import Setup
 from configs import base, cifar10_ct, quickstart  # noqa: E402
 
@@ -76,7 +79,7 @@ class Shared:
         if new:
             s = self.setup
             step = train_step.make_train_step(
-                s.apply_fn, s.cm, s.tx, train_step.ema_rates(s.config.training), s.mesh,
+                s.apply_fn, s.cm, s.objective, s.tx, s.config.training.rates, s.mesh,
                 device_assign=pair.device_fn)
             compiled = step.lower(self.holder["state"], batch, self.frozen).compile()
             self.compiled[key] = (compiled, *memory_line(compiled))
@@ -115,8 +118,8 @@ def bench_config(name, config, images, methods, steps, windows) -> bool:
             cfg = config.copy_and_resolve_references()
             cfg.assignment.method, cfg.assignment.where = method, where or "host"
             batcher = data.Batcher(images, cfg.training.batch_size, 0, random_flip=False)
-            place = functools.partial(train_step.shard_batch, mesh=shared.setup.mesh)
-            pair = pairing.Pairing(cfg, jax.local_device_count())
+            place = functools.partial(distributed.shard_batch, mesh=shared.setup.mesh)
+            pair = pairing.Pairing(config_lib.build(cfg).assignment, 0, jax.local_device_count())
             pipes.append(pair.inputs(batcher, 0, place))
             batch = next(pipes[-1])["batch"]
             step_fn, line, too_big, new = shared.compile(pair, cfg.assignment, batch)
@@ -174,7 +177,7 @@ def main():
     for name in args.configs.split(","):
         if name == "quickstart":
             config = quickstart.get_config()
-            images = data.load_images(data.DataConfig.from_config(config))
+            images = data.load_images(view(DataConfig, config.data))
         elif name in ("cifar", "cifar10_ct"):
             config = cifar_shaped(args.cifar_batch, full=name == "cifar10_ct", dtype=args.dtype,
                                   metric=args.metric, smoke=args.smoke)

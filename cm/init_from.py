@@ -3,14 +3,17 @@
 `training.init_from=DIR` (checkpoint `training.init_step`, -1 = the latest) copies the
 online parameters of the run in DIR into a new run, and its CT target and evaluation
 EMAs where it has them (else the online parameters); the optimiser starts fresh at step
-0. For `cm.loss=cd` an empty `init_from` means the teacher (`cm.teacher_workdir`): its
-EMA parameters become the student's online, target and EMA parameters, as the CD paper
-and the OpenAI code do; `init_from=none` trains the student from scratch.
+0. For an objective that seeds from its teacher (`Objective.seeds_from_teacher`: CD) an
+empty `init_from` means the teacher (`cm.teacher_workdir`): its EMA parameters become
+the student's online, target and EMA parameters, as the CD paper and the OpenAI code
+do; `init_from=none` trains the student from scratch.
 
 Shapes must match parameter by parameter; the one exception is a class-conditional
 fine-tune of an unconditional run, whose new parameters (the label embedding) keep
 their initial values and are listed in the log.
 """
+
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,7 +21,9 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from cm import checkpoints, distributed, train_step, workdir
+from cm import config as config_lib
+from cm import train_step
+from cm.runtime import checkpoints, distributed, workdir
 from cm.setup import Setup
 
 PyTree = train_step.PyTree
@@ -29,14 +34,15 @@ class InitFromError(ValueError):
     """The run to start from cannot seed this one; the message says why."""
 
 
-def source(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
+def source(config: Any) -> tuple[str, str] | None:
     """(workdir to start from, "run" | "teacher"), or None for a fresh initialisation."""
+    config = config_lib.build(config)
     init_from = config.training.init_from
     if init_from == NONE:
         return None
     if init_from:
         return init_from, "run"
-    if config.cm.loss == "cd" and config.cm.teacher_workdir:
+    if config.objective.seeds_from_teacher and config.cm.teacher_workdir:
         return config.cm.teacher_workdir, "teacher"
     return None
 
@@ -89,7 +95,7 @@ def _restore(run_dir: str, step: int) -> tuple[ml_collections.ConfigDict, PyTree
     return cfg, jax.device_get(state), step
 
 
-def initial_state(config: ml_collections.ConfigDict, setup: Setup):
+def initial_state(config: Any, setup: Setup):
     """The new run's state seeded from `source(config)`, replicated; None if there is none."""
     found = source(config)
     if found is None:
@@ -127,7 +133,7 @@ def initial_state(config: ml_collections.ConfigDict, setup: Setup):
         emas = tuple(merge(src.ema_params[i]) if i < len(src.ema_params) else params
                      for i in range(len(fresh.ema_params)))
     n_ema = len(config.training.ema_rates)
-    state = train_step.init_state(params, setup.tx, setup.cm.loss, n_ema)
+    state = train_step.init_state(params, setup.tx, setup.objective.keeps_target, n_ema)
     state = state.replace(target_params=target, ema_params=emas)
     what = ("the EMA parameters of the teacher" if kind == "teacher"
             else "the online, target and EMA parameters of the run")

@@ -1,11 +1,11 @@
-"""One-step and multistep consistency sampling, and image grids.
+"""Samplers as jitted programs over the mesh, and image grids.
 
-Multistep sampling (Song et al. 2023, Algorithm 1): x = f(t_0 z, t_0); then for each
-later time t: x <- f(x + sqrt(t^2 - sigma_min^2) z', t).
+What a sampler computes is its objective's (`cm.objectives`: `Objective.sampling` gives a
+`Sampler` by name); here it becomes one jitted program per sampler, sharded over the
+('data',) mesh, returning uint8 images.
 """
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,42 +14,22 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from cm import consistency
+from cm.objectives import Sampler
+from cm.objectives.spec import ApplyFn
+from cm.runtime.views import CMConfig
 
 
-def sample(apply_fn: consistency.ApplyFn, params, cfg: consistency.CMConfig,
-           key: jax.Array, shape: tuple[int, ...], ts: Sequence[float],
-           labels: jax.Array | None = None) -> jax.Array:
-    """Draws `shape[0]` images in [-1, 1] with the descending times `ts` (jittable)."""
-    if not ts:
-        raise ValueError("sampling needs at least one time")
-    if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
-        raise ValueError(f"sampling times must be strictly descending, got {tuple(ts)}")
-    keys = jax.random.split(key, len(ts))
-    b = shape[0]
-    x = ts[0] * jax.random.normal(keys[0], shape)
-    x = consistency.consistency_fn(apply_fn, params, x, jnp.full((b,), ts[0]), cfg, labels)
-    for t, k in zip(ts[1:], keys[1:], strict=True):
-        noise = jax.random.normal(k, shape)
-        x = x + np.sqrt(max(t**2 - cfg.sigma_min**2, 0.0)) * noise
-        x = consistency.consistency_fn(apply_fn, params, x, jnp.full((b,), t), cfg, labels)
-    return jnp.clip(x, -1.0, 1.0)
-
-
-def make_sampler(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, mesh: Mesh,
-                 image_shape: tuple[int, int, int], ts: Sequence[float], num_classes: int = 0,
-                 sample_fn=None):
+def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
+                 image_shape: tuple[int, int, int], spec: Sampler, num_classes: int = 0):
     """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh.
 
-    For a class-conditional model (`num_classes > 0`) `labels` `[B]` picks the classes;
-    without it the classes are drawn uniformly from `key` (what class-conditional FID
-    against the whole training set needs). `sample_fn(apply_fn, params, cfg, key, shape,
-    labels)` replaces consistency sampling at times `ts` (e.g. an EDM ODE solver).
+    `spec` is the objective's sampler (e.g. `1step`, `heun18`). For a class-conditional
+    model (`num_classes > 0`) `labels` `[B]` picks the classes; without it the classes
+    are drawn uniformly from `key` (what class-conditional FID against the whole
+    training set needs).
     """
-    if sample_fn is None:
-        sample_fn = lambda f, p, c, k, shape, labels: sample(f, p, c, k, shape, ts, labels)  # noqa: E731
+    sample_fn = spec.sample
     out_sharding = NamedSharding(mesh, P("data"))
-    ts = tuple(float(t) for t in ts)
 
     @functools.partial(jax.jit, static_argnums=(2,), out_shardings=out_sharding)
     def _run(params, key, batch_size, labels):

@@ -1,34 +1,39 @@
 """What a run is built from: `Setup` (network, optimiser, mesh, keys, samplers), the
-train step's frozen inputs (LPIPS weights, a distillation teacher) and the teacher.
+train step's frozen inputs (LPIPS weights, a teacher) and the teacher.
 
 Used by training, sampling, evaluation, distillation and the benchmarks alike, so it
 sits below all of them.
 """
 
 import os
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cm import checkpoints, consistency, distributed, nets, sampling, solvers, train_step, workdir
+from cm import config as config_lib
+from cm import nets, optim, sampling, train_step
 from cm.data import DatasetError
 from cm.nets import lpips
+from cm.objectives import SampleOptions, Sampler
+from cm.runtime import checkpoints, distributed, workdir
 
 
 class Setup:
-    """Everything the train and sample modes build from a config."""
+    """Everything the train and sample modes build from a config (built and checked by
+    `cm.config.build`; a `ConfigDict` is built here)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        self.cm = consistency.CMConfig.from_config(config)
-        self.mesh = train_step.make_mesh()
+    def __init__(self, config: Any):
+        self.config = config = config_lib.build(config)
+        self.cm = config.cm
+        self.objective = config.objective
+        self.mesh = distributed.make_mesh()
         self.module = nets.build_model(config)
         self.apply_fn = nets.make_apply_fn(self.module)
-        self.tx = train_step.make_optimizer(config.optim, config.training.n_iters)
+        self.tx = optim.make_optimizer(config.optim, config.training.n_iters)
         s, c = config.data.image_size, config.data.num_channels
         self.image_shape = (s, s, c)
         key = jax.random.PRNGKey(config.training.seed)
@@ -42,7 +47,7 @@ class Setup:
 
     def _make_state(self, key):
         params = nets.init_params(self.module, key, self.config)
-        return train_step.init_state(params, self.tx, self.cm.loss,
+        return train_step.init_state(params, self.tx, self.objective.keeps_target,
                                      len(self.config.training.ema_rates))
 
     def abstract_state(self):
@@ -55,48 +60,28 @@ class Setup:
         # One compiled program instead of one small compile per initializer.
         return jax.jit(self._make_state, out_shardings=self.replicated)(self.init_key)
 
-    def sampler(self, ts):
-        """The jitted sampler for times `ts`, built once per `ts` (no recompiles per grid).
-
-        For a diffusion run (EDM, DDPM), the solver of `sample.solver` / `sample.steps`
-        (and `sample.eta` / `sample.skip` for DDPM) instead.
-        """
-        if self.cm.loss in solvers.DIFFUSION_LOSSES:  # a solver, not times `ts`
-            s = self.config.sample
-            return self.ode_sampler(s.solver, s.steps, solvers.Options(s.eta, s.skip))
-        ts = tuple(float(t) for t in ts)
-        if ts not in self._samplers:
-            self._samplers[ts] = sampling.make_sampler(
-                self.apply_fn, self.cm, self.mesh, self.image_shape, ts,
+    def sampler(self, spec: Sampler):
+        """The jitted sampler `spec` (an objective's `Sampler`), built once per sampler."""
+        if spec.key not in self._samplers:
+            self._samplers[spec.key] = sampling.make_sampler(
+                self.apply_fn, self.cm, self.mesh, self.image_shape, spec,
                 self.config.model.num_classes)
-        return self._samplers[ts]
+        return self._samplers[spec.key]
 
-    def ode_sampler(self, solver: str, steps: int,
-                    options: solvers.Options = solvers.Options()):
-        """The jitted diffusion sampler `solver` (`cm.solvers`: heun | euler for EDM, ddim |
-        ddpm for DDPM) with `steps` steps, built once."""
-        cache_key = (solver, int(steps), options)
-        if cache_key not in self._samplers:
-            sample_fn = solvers.make_sample_fn(self.cm, solver, int(steps), options)
-            self._samplers[cache_key] = sampling.make_sampler(
-                self.apply_fn, self.cm, self.mesh, self.image_shape,
-                tuple(float(t) for t in self.ode_times(steps, solver, options)),
-                self.config.model.num_classes, sample_fn=sample_fn)
-        return self._samplers[cache_key]
+    def named_sampler(self, name: str, options: SampleOptions = SampleOptions()) -> Sampler:
+        """The objective's sampler `name` ('1step', 'heun18', 'ddim50', ...)."""
+        return self.objective.sampling.named(self.cm, name, options)
 
-    def ode_times(self, steps: int, solver: str = "heun",
-                  options: solvers.Options = solvers.Options()) -> np.ndarray:
-        """The descending times of a `steps`-step sampler: Karras times ending with 0 (EDM),
-        or the timesteps visited (DDPM)."""
-        return solvers.times(self.cm, solver, int(steps), options)
+    def grid_sampler(self) -> Sampler:
+        """The sampler of the training grids (one consistency step, or `sample.solver`)."""
+        return self.objective.sampling.for_grid(self.cm, self.config.sample)
 
     def round_batch(self, n: int) -> int:
         d = jax.device_count()
         return -(-n // d) * d
 
 
-def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
-                 ) -> np.ndarray | None:
+def check_labels(config: Any, labels: np.ndarray | None) -> np.ndarray | None:
     """The labels a class-conditional run trains on (None for an unconditional run)."""
     num_classes = config.model.num_classes
     if num_classes <= 0:
@@ -110,19 +95,22 @@ def check_labels(config: ml_collections.ConfigDict, labels: np.ndarray | None,
     return labels
 
 
-def load_teacher(config: ml_collections.ConfigDict):
-    """(apply_fn, EMA params replicated on the mesh) of the EDM run in `cm.teacher_workdir`."""
-    teacher_dir = config.cm.teacher_workdir
+def load_teacher(config: Any):
+    """(apply_fn, EMA params replicated on the mesh) of the teacher run in
+    `cm.teacher_workdir` (its objective must be `config.objective.teacher`)."""
+    config = config_lib.build(config)
+    teacher_dir, kind = config.cm.teacher_workdir, config.objective.teacher
     if not teacher_dir:
-        raise FileNotFoundError("cm.loss=cd needs cm.teacher_workdir: the workdir of a trained "
-                                "EDM run (configs/cifar10_edm.py)")
+        raise FileNotFoundError(f"cm.loss={config.objective.name} needs cm.teacher_workdir: "
+                                f"the workdir of a trained {kind.upper()} run")
     if not os.path.exists(workdir.config_path(teacher_dir)):
         raise FileNotFoundError(f"teacher workdir {teacher_dir!r} holds no run (no config.json): "
-                                "train the EDM teacher there first")
-    tcfg = workdir.load_config(teacher_dir)
-    if tcfg.cm.loss != "edm":
+                                f"train the {kind.upper()} teacher there first")
+    tcfg = config_lib.build(workdir.load_config(teacher_dir))
+    if tcfg.objective.name != kind:
         raise ValueError(f"the teacher in {teacher_dir!r} was trained with cm.loss="
-                         f"{tcfg.cm.loss!r}; distillation needs an EDM (cm.loss=edm) teacher")
+                         f"{tcfg.cm.loss!r}; cm.loss={config.objective.name} needs a "
+                         f"{kind.upper()} (cm.loss={kind}) teacher")
     for field in ("image_size", "num_channels"):
         if tcfg.data[field] != config.data[field]:
             raise ValueError(f"teacher data.{field}={tcfg.data[field]} but the student has "
@@ -143,19 +131,22 @@ def load_teacher(config: ml_collections.ConfigDict):
     return setup.apply_fn, state.ema_params[tcfg.sample.ema_index]
 
 
-def frozen_inputs(config: ml_collections.ConfigDict, setup: Setup):
+def frozen_inputs(setup: Setup) -> tuple[dict, Any]:
     """(the train step's `frozen` inputs, the teacher's apply_fn or None).
 
     `step_key`: the base key of the step's randomness (from `training.seed`); `teacher`:
-    the EDM teacher's EMA parameters (`cm.loss=cd`); `lpips`: the LPIPS weights
+    the teacher's EMA parameters (objectives with a teacher); `lpips`: the LPIPS weights
     (`cm.metric=lpips`, from `cm.lpips_vgg_path` / `cm.lpips_lin_path` or the cache
     directory `eval.cache_dir`). All are replicated over the mesh.
     """
+    config = setup.config
     frozen, teacher_apply = {"step_key": setup.step_key}, None
-    if setup.cm.loss == "cd":
+    wanted = setup.objective.frozen_inputs(setup.cm)
+    if "teacher" in wanted:
         teacher_apply, frozen["teacher"] = load_teacher(config)
-        logging.info("distilling from the EDM teacher in %s", config.cm.teacher_workdir)
-    if setup.cm.uses_lpips:
+        logging.info("distilling from the %s teacher in %s", setup.objective.teacher.upper(),
+                     config.cm.teacher_workdir)
+    if "lpips" in wanted:
         variables = lpips.load_lpips_variables(config.cm.lpips_vgg_path,
                                                config.cm.lpips_lin_path, config.eval.cache_dir)
         frozen["lpips"] = distributed.replicate(variables, setup.replicated)

@@ -20,6 +20,7 @@ from absl import logging
 
 from cm import data
 from cm.data import image_folder
+from cm.runtime.views import DataConfig
 from evaluation import fashion_net, fid, inception, weights
 
 ImageShape = tuple[int, int, int]  # (H, W, C)
@@ -106,7 +107,7 @@ FEATURES: dict[str, FeatureFactory] = {"inception": _inception, "pixels": _pixel
 AUTO_KIND = {"digits": "pixels", "fashion_mnist": "fashion"}  # data.name -> kind of 'auto'
 
 
-def resolve_kind(kind: str, data_cfg: data.DataConfig) -> str:
+def resolve_kind(kind: str, data_cfg: DataConfig) -> str:
     """`eval.features`; 'auto' = `AUTO_KIND` of the dataset, else pixels for 1-channel data
     and inception for the rest."""
     if kind == "auto":
@@ -118,14 +119,14 @@ def resolve_kind(kind: str, data_cfg: data.DataConfig) -> str:
     return kind
 
 
-def make_features(kind: str, data_cfg: data.DataConfig, options: Options) -> Features:
+def make_features(kind: str, data_cfg: DataConfig, options: Options) -> Features:
     """The extractor of `kind` ('auto' resolved by `resolve_kind`) for the dataset's images."""
     kind = resolve_kind(kind, data_cfg)
     shape = (data_cfg.image_size, data_cfg.image_size, data_cfg.num_channels)
     return FEATURES[kind](shape, options)
 
 
-def _dataset_tag(data_cfg: data.DataConfig) -> str:
+def _dataset_tag(data_cfg: DataConfig) -> str:
     crop = f"-crop{data_cfg.crop}" if data_cfg.crop else ""
     if data_cfg.name == "idx":  # a user's folder or file: its name and a digest of its path
         path = os.path.realpath(os.path.expanduser(data_cfg.path))
@@ -152,7 +153,7 @@ def _dataset_tag(data_cfg: data.DataConfig) -> str:
     return f"{data_cfg.name}-{stem}-{h.hexdigest()[:8]}{crop}"
 
 
-def reference_path(data_cfg: data.DataConfig, kind: str, stats_path: str = "",
+def reference_path(data_cfg: DataConfig, kind: str, stats_path: str = "",
                    cache_dir: str = weights.DEFAULT_CACHE_DIR) -> str:
     """`stats_path` if given, else `<cache_dir>/fid_stats/<dataset>_<split>_<S>px_<kind>.npz`."""
     if stats_path:
@@ -172,7 +173,7 @@ def dataset_stats(images: np.ndarray, features: Features, chunk: int = 5000) -> 
     return fid.FeatureStats(stats.mean, stats.cov, stats.n)
 
 
-def ensure_reference(data_cfg: data.DataConfig, features: Features, path: str,
+def ensure_reference(data_cfg: DataConfig, features: Features, path: str,
                      chunk: int = 5000) -> fid.FeatureStats:
     """The reference statistics at `path`; computed from the dataset and saved if absent.
 

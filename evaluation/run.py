@@ -9,22 +9,23 @@ to `<workdir>/eval.jsonl`, one row per checkpoint and sampler.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from cm import checkpoints, data, solvers, workdir
-from cm.config_view import view
+from cm import config as config_lib
+from cm.objectives import SampleOptions
+from cm.runtime import checkpoints, workdir
+from cm.runtime.views import EvalConfig, view
 from cm.setup import Setup
 from evaluation import features as features_lib
 from evaluation import fid
@@ -38,88 +39,16 @@ from evaluation.progress import (
     row_key,
 )
 
-__all__ = ["EVAL_DIR", "RESULTS", "EvalConfig", "SAMPLERS", "evaluate", "network_calls",
-           "parse_ode_sampler", "progress_dirs", "read_results", "reference_stats",
-           "round_features", "round_key", "select_steps"]
+__all__ = ["EVAL_DIR", "RESULTS", "evaluate", "progress_dirs", "read_results",
+           "reference_stats", "round_features", "round_key", "select_steps"]
 
 IS_SPLITS = 10
 _EVAL_TAG = 0x6576616C  # separates the evaluation noise from the training run's sample keys
 
-# Consistency-model sampler name -> its descending times, from (sigma_max, eval.two_step_t).
-SAMPLERS: dict[str, Callable[[float, float], tuple[float, ...]]] = {
-    "1step": lambda sigma_max, t: (sigma_max,),
-    "2step": lambda sigma_max, t: (sigma_max, t),
-}
-# Diffusion runs: '<solver><steps>' (`cm.solvers`): EDM 'heun18' (35 network calls) or
-# 'euler50'; DDPM 'ddim50' (eta: eval.eta) or 'ddpm1000' (ancestral).
-_EXAMPLES = {"edm": '"heun18","euler50"', "ddpm": '"ddim50","ddpm1000"'}
-_CONFIGS = {"edm": "configs/cifar10_edm.py", "ddpm": "configs/cifar10_ddpm.py"}
-_KINDS = {"edm": "ODE solvers", "ddpm": "DDIM or ancestral samplers"}
 
-
-def parse_ode_sampler(name: str) -> tuple[str, int] | None:
-    """('heun', 18) for 'heun18', ('ddim', 50) for 'ddim50'; None for other names."""
-    return solvers.parse(name)
-
-
-def network_calls(name: str) -> int:
-    """Network evaluations (NFE) per image of a sampler name."""
-    ode = parse_ode_sampler(name)
-    if ode is None:
-        return len(SAMPLERS[name](0.0, 0.0))
-    return solvers.network_calls(*ode)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """The `eval` config section (see configs/base.py)."""
-
-    n_samples: int = 50_000
-    batch_size: int = 500
-    samplers: tuple[str, ...] = ("1step", "2step")
-    two_step_t: float = 0.821
-    steps: str = ""
-    inception_path: str = ""
-    stats_path: str = ""
-    cache_dir: str = "~/.cache/immiscible_cm"
-    features: str = "auto"
-    eta: float = 0.0
-    skip: str = "uniform"
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> EvalConfig:
-        ev = config.eval
-        # '--config.eval.steps=1000' may arrive as an int.
-        return view(cls, ev, samplers=tuple(ev.samplers), steps=str(ev.steps))
-
-    def validate(self, diffusion: bool = False, loss: str = "edm") -> None:
-        """Checks the section; `diffusion`: the run is a diffusion model trained with
-        `loss` (edm | ddpm), sampled by solver names."""
-        if self.n_samples < 2:
-            raise ValueError(f"eval.n_samples must be >= 2 (a covariance), got {self.n_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"eval.batch_size must be positive, got {self.batch_size}")
-        if diffusion:
-            own = solvers.solvers_of(loss)
-            bad = [s for s in self.samplers if (parse_ode_sampler(s) or ("",))[0] not in own]
-            if bad or not self.samplers:
-                raise ValueError(
-                    f"eval.samplers {self.samplers}: this is an {loss.upper()} (diffusion) run, "
-                    f"whose samplers are {_KINDS[loss]} named '<solver><steps>' with solver "
-                    f"{' or '.join(own)}, e.g. --config {_CONFIGS[loss]} "
-                    f"--config.eval.samplers='({_EXAMPLES[loss]})'")
-            return
-        bad = [s for s in self.samplers if s not in SAMPLERS]
-        if bad or not self.samplers:
-            hint = (" (heunN / eulerN samplers are for EDM runs, ddimN / ddpmN for DDPM runs)"
-                    if any(parse_ode_sampler(s) for s in bad) else "")
-            raise ValueError(f"eval.samplers {self.samplers}: expected names from "
-                             f"{sorted(SAMPLERS)}{hint}")
-
-    def feature_options(self, batch_size: int | None = None) -> features_lib.Options:
-        """Extractor options; `batch_size` (images per forward pass) defaults to eval's."""
-        return features_lib.Options(self.inception_path, self.cache_dir,
-                                    batch_size or self.batch_size)
+def feature_options(ev: EvalConfig, batch_size: int | None = None) -> features_lib.Options:
+    """Extractor options; `batch_size` (images per forward pass) defaults to eval's."""
+    return features_lib.Options(ev.inception_path, ev.cache_dir, batch_size or ev.batch_size)
 
 
 # ----------------------------------------------------------------------------------------
@@ -216,26 +145,35 @@ def round_features(sampler: Callable, params, key: jax.Array, batch: int, count:
 # The modes.
 
 
-def _eval_settings(saved: ml_collections.ConfigDict,
-                   config: ml_collections.ConfigDict | None) -> EvalConfig:
+def _eval_settings(saved: config_lib.Config, config: Any) -> EvalConfig:
     """The saved run's `eval` section, replaced by `config.eval` when a config is given.
 
     Everything else (data, model, seed, `sample.ema_index`) always comes from the
-    saved config: it describes the checkpoints. Other differences are logged.
+    saved config: it describes the checkpoints. Other differences are logged. A given
+    `eval.samplers` left at base's value that the run's objective cannot use takes the
+    objective's default (logged); one set to a sampler it cannot use is an error.
     """
     if config is None:
-        return EvalConfig.from_config(saved)
-    old, new = workdir.config_to_dict(saved), workdir.config_to_dict(config)
-    old.pop("eval", None)
-    new.pop("eval", None)
+        return saved.eval
+    given = config_lib.build(config) if not isinstance(config, config_lib.Config) else config
+    old, new = saved.to_dict(), given.to_dict()
+    for d in (old, new):
+        d.pop("eval", None)
     ignored = workdir.diff(old, new)
     if ignored:
         logging.warning("--mode eval uses only the eval section of the given config; the "
                         "saved run's values stand for: %s", ", ".join(ignored))
-    return EvalConfig.from_config(config)
+    base = config_lib.base_views()
+    _, ev, notes = saved.objective.sampling.resolve(
+        saved.cm, saved.sample, view(EvalConfig, given.eval), base["sample"],
+        base["eval"])
+    for line in notes:
+        logging.warning("--mode eval: %s", line)
+    saved.objective.sampling.check_eval(saved.cm, ev)
+    return ev
 
 
-def reference_stats(config: ml_collections.ConfigDict, run_dir: str | None = None) -> str:
+def reference_stats(config: Any, run_dir: str | None = None) -> str:
     """`--mode fid_stats`: computes (or finds) the reference statistics of the data split.
 
     The statistics of `data.split` of the configured dataset, with the features of
@@ -250,9 +188,9 @@ def reference_stats(config: ml_collections.ConfigDict, run_dir: str | None = Non
       The path of the statistics file.
     """
     del run_dir  # main writes its log there; the statistics are shared across runs
-    ev = EvalConfig.from_config(config)
-    data_cfg = data.DataConfig.from_config(config)
-    feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options())
+    config = config_lib.build(config)
+    ev, data_cfg = config.eval, config.data
+    feats = features_lib.make_features(ev.features, data_cfg, feature_options(ev))
     path = features_lib.reference_path(data_cfg, feats.tag, ev.stats_path, ev.cache_dir)
     ref = features_lib.ensure_reference(data_cfg, feats, path, chunk=max(ev.batch_size, 1000))
     logging.info("reference statistics of %s/%s: %d images, %s features, in %s",
@@ -260,47 +198,35 @@ def reference_stats(config: ml_collections.ConfigDict, run_dir: str | None = Non
     return path
 
 
-def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
-             max_rounds: int | None = None) -> list[dict]:
+def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> list[dict]:
     """`--mode eval`: FID (or `fd_pixels`) and IS of the run's checkpoints, one row each.
 
     Reads the config saved in `run_dir`; a given `config` contributes only its `eval`
     section (see `_eval_settings`). For each step of `eval.steps` and each sampler of
-    `eval.samplers`, draws `eval.n_samples` images with the EMA parameters
-    `sample.ema_index`, in rounds of `eval.batch_size` (rounded up to a multiple of the
-    device count), and appends a row to `<run_dir>/eval.jsonl`:
+    `eval.samplers` (the run's objective's samplers by name: '1step' and '2step' for
+    consistency models, 'heun18' / 'euler50' for EDM runs, 'ddim50' with `eval.eta` and
+    `eval.skip` / 'ddpm1000' for DDPM runs), draws `eval.n_samples` images with the EMA
+    parameters `sample.ema_index`, in rounds of `eval.batch_size` (rounded up to a
+    multiple of the device count), and appends a row to `<run_dir>/eval.jsonl`:
     `{"step", "sampler", "ts", "nfe", "n", "metric", <metric>: distance, "is", "is_std",
-    "ema"}` (`ema`: the rate of the EMA parameters sampled, `training.ema_rates[
-    sample.ema_index]`; rows written before 2026-11-30 lack it)
-    with metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null). Rows
-    already there (same step, sampler, times, n, metric and eta) are not recomputed. For
-    an EDM run the samplers are ODE solvers ('heun18', 'euler50'; `ts` records their
-    Karras times), for a DDPM run DDIM or ancestral samplers ('ddim50' with `eval.eta`
-    and `eval.skip`, 'ddpm1000'; `ts` records the timesteps, the row its `eta`), instead
-    of consistency samplers ('1step', '2step').
+    "ema"}` (`ts`: the times the sampler visits; `ema`: the rate of the EMA parameters
+    sampled, `training.ema_rates[sample.ema_index]`; rows written before 2026-11-30 lack
+    it) with metric 'fid' (Inception features) or 'fd_pixels' (pixels; "is" is null),
+    and `eta` for samplers that read it. Rows already there (same step, sampler, times,
+    n, metric and eta) are not recomputed.
 
     Args:
+      config: None, or a config whose `eval` section replaces the saved one.
       run_dir: a training workdir.
-      config: optional config whose `eval` section replaces the saved one.
       max_rounds: stop after computing this many rounds in this call, as an
         interruption would (tests, time-limited jobs); the next call resumes.
 
     Returns:
       The rows of the chosen (step, sampler) pairs that are complete, in order.
     """
-    saved = workdir.load_config(run_dir)
-    diffusion = saved.cm.loss in solvers.DIFFUSION_LOSSES
+    saved = config_lib.build(workdir.load_config(run_dir))
     ev = _eval_settings(saved, config)
-    if diffusion and ev.samplers and all(s in SAMPLERS for s in ev.samplers):
-        # Consistency sampler names only (e.g. the base default, or a run saved before
-        # EDM evaluation existed): evaluate the run's own ODE sampler instead.
-        own = f"{saved.sample.solver}{saved.sample.steps}"
-        logging.warning("eval.samplers %s are consistency samplers; this diffusion run is "
-                        "evaluated with its sample.solver / sample.steps: %s",
-                        list(ev.samplers), own)
-        ev = dataclasses.replace(ev, samplers=(own,))
-    ev.validate(diffusion, saved.cm.loss)
-    data_cfg = data.DataConfig.from_config(saved)
+    data_cfg = saved.data
     ckpt = checkpoints.Checkpointer(run_dir)
     try:
         if ckpt.latest_step() is None:
@@ -309,26 +235,16 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                              list(ckpt.snapshots.all_steps()) + list(ckpt.resume.all_steps()))
         setup = Setup(saved)
         batch = setup.round_batch(ev.batch_size)
-        feats = features_lib.make_features(ev.features, data_cfg, ev.feature_options(batch))
+        feats = features_lib.make_features(ev.features, data_cfg, feature_options(ev, batch))
         ref_path = features_lib.reference_path(data_cfg, feats.tag, ev.stats_path,
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
-        options = solvers.Options(ev.eta, ev.skip)
-        # eta is part of a row (and of its identity) for the samplers that use it.
-        eta_of = {s: ev.eta if (parse_ode_sampler(s) or ("",))[0] == "ddim" else None
-                  for s in ev.samplers}
-        if diffusion:  # ts: the solver's times (Karras sigmas, DDPM timesteps), for the record
-            parsed = {s: parse_ode_sampler(s) for s in ev.samplers}
-            ts_of = {s: tuple(float(t) for t in setup.ode_times(steps, solver, options))
-                     for s, (solver, steps) in parsed.items()}
-            samplers = {s: setup.ode_sampler(solver, steps, options)
-                        for s, (solver, steps) in parsed.items()}
-        else:
-            ts_of = {s: tuple(float(t) for t in SAMPLERS[s](setup.cm.sigma_max,
-                                                              ev.two_step_t))
-                     for s in ev.samplers}
-            samplers = {s: setup.sampler(ts) for s, ts in ts_of.items()}
+        options = SampleOptions.of_eval(ev)
+        specs = {s: setup.named_sampler(s, options) for s in ev.samplers}
+        samplers = {s: setup.sampler(spec) for s, spec in specs.items()}
+        ts_of = {s: spec.times for s, spec in specs.items()}
+        eta_of = {s: spec.eta for s, spec in specs.items()}  # part of a row's identity
         done = {row_key(r): r for r in read_results(run_dir)}
         budget = [math.inf if max_rounds is None else max_rounds]
         rows: list[dict] = []
@@ -359,7 +275,7 @@ def evaluate(run_dir: str, config: ml_collections.ConfigDict | None = None, *,
                                     f"step{step:08d}_{s}_{feats.metric}", spec, feats.dim,
                                     batch, ev.n_samples)
                 row = _evaluate_one(progress, samplers[s], params, setup.sample_key, feats,
-                                    ref, budget)
+                                    ref, budget, specs[s].nfe)
                 if row is None:
                     logging.info("stopped after max_rounds=%s; run again to continue",
                                  max_rounds)
@@ -400,7 +316,7 @@ def _restore_planned(ckpt: checkpoints.Checkpointer, abstract_state, step: int):
 
 def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.Array,
                   feats: features_lib.Features, ref: fid.FeatureStats, budget: list[float],
-                  ) -> dict | None:
+                  nfe: int) -> dict | None:
     """Finishes the rounds of one (step, sampler); its row, or None if out of budget."""
     spec = progress.spec
     stats, start = progress.load()
@@ -426,6 +342,6 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
     if logits is not None:
         is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
     return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
-            "nfe": network_calls(spec["sampler"]), "n": spec["n"], "metric": feats.metric,
+            "nfe": nfe, "n": spec["n"], "metric": feats.metric,
             feats.metric: value, "is": is_mean, "is_std": is_std,
             **({"eta": spec["eta"]} if "eta" in spec else {})}

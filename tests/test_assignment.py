@@ -1,4 +1,5 @@
-"""Tests of assignment/: exactness against scipy, knn, device variants, batch functions."""
+"""Tests of assignment/: exactness against scipy, knn, device variants; and of the
+pipeline stage that calls it (cm.pairing's batch functions)."""
 
 import doctest
 import functools
@@ -14,16 +15,15 @@ from sklearn.datasets import load_digits
 
 import assignment
 from assignment import (
-    Options,
-    _batch,
     _cost,
     _device,
     _diagnostics,
     _knn,
     _linear,
     _methods,
-    make_batch_fn,
 )
+from cm import pairing
+from cm.pairing import Options, distance_stats, make_batch_fn
 
 SIZES = (0, 1, 2, 7, 64, 257)
 QUANTIZED = ("float16", "bfloat16")
@@ -109,7 +109,7 @@ def test_linear_on_digits(n):
             _assert_permutation(perm, n)
             _assert_optimal(_cost.cost_matrix(x, z, dtype=dtype, scale=scale), perm)
     out = assignment.assign(x, z, "linear", dtype="float16")
-    stats = _diagnostics.distance_stats(x, z, out)
+    stats = distance_stats(x, z, out)
     assert 0 < stats["reduction"] < 0.5
     assert stats["distance_after"] < stats["distance_before"]
 
@@ -231,7 +231,7 @@ def test_knn_keeps_the_nearest_candidate():
             chosen = d[np.arange(50), kept[::4] % 4]
             tol = 2 * np.spacing(d.min(axis=1).astype(np_dtype)).astype(np.float64) + 1e-9
             assert (chosen <= d.min(axis=1) + tol).all()
-    assert _diagnostics.distance_stats(x, z, out)["reduction"] > 0
+    assert distance_stats(x, z, out)["reduction"] > 0
 
 
 def test_knn_k1_is_none_and_not_a_permutation():
@@ -283,7 +283,7 @@ def test_device_linear_under_vmap_agrees_with_host_shards():
     out = np.asarray(fn(x.reshape(shards, n, 8, 8, 1), z.reshape(shards, n, 8, 8, 1)))
     fn(z.reshape(shards, n, 8, 8, 1), x.reshape(shards, n, 8, 8, 1))  # No retrace.
     batch_fn = make_batch_fn(Options("linear", "device", shards))
-    host = batch_fn({"x": x, "z": z}, 0)["z"].reshape(shards, n, 8, 8, 1)
+    host = batch_fn({"x": x, "z": z}, 0)[0]["z"].reshape(shards, n, 8, 8, 1)
     for s in range(shards):
         xs, zs = x[s * n : (s + 1) * n], z[s * n : (s + 1) * n]
         c = _cost.cost_matrix(xs, zs)
@@ -348,11 +348,10 @@ def test_batch_fn_diagnostics_and_passthrough():
     labels = np.arange(32)
     batch = {"x": x, "z": z, "label": labels}
     for method in assignment.METHODS:
-        out = make_batch_fn(Options(method, "host", seed=1))(batch, 3)
-        assert out["x"] is x and out["label"] is labels  # Untouched, still paired.
-        arrays, stats = assignment.split_diagnostics(out)
+        arrays, stats = make_batch_fn(Options(method, "host", seed=1))(batch, 3)
+        assert arrays["x"] is x and arrays["label"] is labels  # Untouched, still paired.
         assert set(arrays) == {"x", "z", "label"}
-        assert set(stats) == {k.split("/")[1] for k in _diagnostics.DIAGNOSTIC_KEYS}
+        assert set(stats) == {"distance_before", "distance_after", "reduction", "seconds"}
         np.testing.assert_allclose(
             stats["distance_before"], _diagnostics.pair_distances(x, z).mean(), rtol=1e-6
         )
@@ -368,20 +367,20 @@ def test_same_seed_same_pairing():
     x, z = _digit_batch(24, seed=12)
     batch = {"x": x, "z": z}
     for method in assignment.METHODS:
-        a = make_batch_fn(Options(method, seed=4))(batch, 10)["z"]
-        b = make_batch_fn(Options(method, seed=4))(batch, 10)["z"]  # A resumed run.
+        a = make_batch_fn(Options(method, seed=4))(batch, 10)[0]["z"]
+        b = make_batch_fn(Options(method, seed=4))(batch, 10)[0]["z"]  # A resumed run.
         np.testing.assert_array_equal(a, b)
     knn = make_batch_fn(Options("knn", seed=4))
-    assert not np.array_equal(knn(batch, 10)["z"], knn(batch, 11)["z"])
+    assert not np.array_equal(knn(batch, 10)[0]["z"], knn(batch, 11)[0]["z"])
     assert not np.array_equal(
-        knn(batch, 10)["z"], make_batch_fn(Options("knn", seed=5))(batch, 10)["z"]
+        knn(batch, 10)[0]["z"], make_batch_fn(Options("knn", seed=5))(batch, 10)[0]["z"]
     )
 
 
 def test_device_scope_pairs_within_shards():
     shards, n = 4, 16
     x, z = _digit_batch(shards * n, seed=13)
-    out = make_batch_fn(Options("linear", "device", shards))({"x": x, "z": z}, 0)["z"]
+    out = make_batch_fn(Options("linear", "device", shards))({"x": x, "z": z}, 0)[0]["z"]
     perm = _rows_of(out, z)
     _assert_permutation(perm, shards * n)
     np.testing.assert_array_equal(perm // n, np.arange(shards * n) // n)
@@ -391,7 +390,8 @@ def test_device_scope_pairs_within_shards():
         for s in range(shards):
             part = slice(s * n, (s + 1) * n)
             _assert_optimal(_cost.cost_matrix(x[part], z[part]), perm[part] - s * n)
-    host = _rows_of(make_batch_fn(Options("linear", "host", shards))({"x": x, "z": z}, 0)["z"], z)
+    arrays, _ = make_batch_fn(Options("linear", "host", shards))({"x": x, "z": z}, 0)
+    host = _rows_of(arrays["z"], z)
     assert (host // n != np.arange(shards * n) // n).any()  # Host scope crosses shards.
     np.testing.assert_array_equal(host, assignment.permutation(x, z, "linear"))
 
@@ -404,7 +404,7 @@ def test_assigned_noise_stays_standard_normal():
     for step in range(40):
         x, _ = _digit_batch(64, seed=100 + step)
         z = rng.standard_normal(x.shape).astype(np.float32)
-        pooled.append(fn({"x": x, "z": z}, step)["z"].reshape(64, -1))
+        pooled.append(fn({"x": x, "z": z}, step)[0]["z"].reshape(64, -1))
     pooled = np.concatenate(pooled)  # [2560, 64]
     n = len(pooled)
     assert np.abs(pooled.mean(axis=0)).max() < 5 / np.sqrt(n)
@@ -462,10 +462,11 @@ def test_registries():
 
 @pytest.mark.parametrize(
     "module",
-    ["_batch", "_cost", "_device", "_diagnostics", "_knn", "_linear", "_methods", "_pipeline"],
+    ["assignment._cost", "assignment._device", "assignment._diagnostics", "assignment._knn",
+     "assignment._linear", "assignment._methods", "cm.pairing", "cm.data.prefetch"],
 )
 def test_docstring_examples_run(module):
-    result = doctest.testmod(importlib.import_module(f"assignment.{module}"))
+    result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
 
 
@@ -475,11 +476,11 @@ def test_knn_draws_differ_between_hosts():
     candidates on every host would correlate the noise across the global batch)."""
     x, z = _digit_batch(24, seed=14)
     batch = {"x": x, "z": z}
-    on = {p: make_batch_fn(Options("knn", seed=4, process_index=p))(batch, 10)["z"]
+    on = {p: make_batch_fn(Options("knn", seed=4, process_index=p))(batch, 10)[0]["z"]
           for p in (0, 1)}
     assert not np.array_equal(on[0], on[1])
-    a, b = (_batch.knn_rng(4, 10, p).standard_normal(64) for p in (0, 1))
+    a, b = (pairing.knn_rng(4, 10, p).standard_normal(64) for p in (0, 1))
     assert not np.array_equal(a, b)
     # ...and stays a function of (seed, step, process_index): a resumed host replays it.
-    again = make_batch_fn(Options("knn", seed=4, process_index=1))(batch, 10)["z"]
+    again = make_batch_fn(Options("knn", seed=4, process_index=1))(batch, 10)[0]["z"]
     np.testing.assert_array_equal(again, on[1])

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, data, nets, train_step
+from cm import data, nets, objectives, optim, train_step
+from cm.runtime import distributed
+from cm.runtime.views import CMConfig
 from tests.helpers import tiny_config
 
 
@@ -18,12 +20,14 @@ def one_step(dtype: str, params, batch):
     config.model.ch_mult, config.model.attn_resolutions = (1,), (8,)
     module = nets.build_model(config)
     apply_fn = nets.make_apply_fn(module)
-    tx = train_step.make_optimizer(config.optim)
-    mesh = train_step.make_mesh(jax.devices()[:1])
-    state = train_step.init_state(jax.tree.map(jnp.array, params), tx, config.cm.loss, 1)
-    step = train_step.make_train_step(apply_fn, consistency.CMConfig.from_config(config), tx,
+    tx = optim.make_optimizer(config.optim)
+    mesh = distributed.make_mesh(jax.devices()[:1])
+    state = train_step.init_state(jax.tree.map(jnp.array, params), tx,
+                                  objectives.get(config.cm.loss).keeps_target, 1)
+    cm_cfg = CMConfig.from_config(config)
+    step = train_step.make_train_step(apply_fn, cm_cfg, objectives.get(cm_cfg.loss), tx,
                                       (0.99,), mesh)
-    new_state, metrics = step(state, train_step.shard_batch(batch, mesh),
+    new_state, metrics = step(state, distributed.shard_batch(batch, mesh),
                               {"step_key": jax.random.PRNGKey(1)})
     return apply_fn, jax.device_get(new_state), jax.device_get(metrics)
 

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import assignment
-from assignment import Options, make_batch_fn
-from cm import data, sample_run, train, workdir
+from cm import config as config_lib
+from cm import data, sample_run, train
 from cm.data import image_folder
+from cm.pairing import Options, make_batch_fn
+from cm.runtime import workdir
+from cm.runtime.views import DataConfig, view
 from tests.helpers import tiny_config
 
 
@@ -32,7 +34,7 @@ def test_assignment_never_separates_image_and_label(method, scope):
     labels = data.load_digits_labels()
     batch = data.Batcher(images, 16, seed=0, labels=labels, random_flip=False).batch(2)
     fn = make_batch_fn(Options(method, scope=scope, num_shards=4, seed=0))
-    out, _ = assignment.split_diagnostics(fn(dict(batch), 2))
+    out, _ = fn(dict(batch), 2)
     np.testing.assert_array_equal(out["x"], batch["x"])
     np.testing.assert_array_equal(out["label"], batch["label"])
     if method != "knn":  # the noise is permuted, never the images or labels
@@ -52,7 +54,7 @@ def test_class_conditional_training_and_class_grid(tmp_path):
 
     def samples(label):
         config.sample.n, config.sample.label = 8, label
-        with np.load(sample_run.sample_from_workdir(str(tmp_path), config)) as f:
+        with np.load(sample_run.sample(config, str(tmp_path))) as f:
             return f["images"].astype(np.int32)
 
     three, grid = samples(3), samples(-1)  # the same noise: only the labels differ
@@ -63,7 +65,7 @@ def test_class_conditional_training_and_class_grid(tmp_path):
         assert np.abs(three[i] - grid[i]).mean() > 2, i  # in uint8 levels
     config.sample.label = 10
     with pytest.raises(ValueError, match="10 classes"):
-        sample_run.sample_from_workdir(str(tmp_path), config)
+        sample_run.sample(config, str(tmp_path))
 
 
 def test_conditional_model_needs_labels(tmp_path):
@@ -92,7 +94,7 @@ def test_image_folder_loader_skips_corrupt_files_and_labels_by_subfolder(tmp_pat
     np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1])
     gray, _ = image_folder.load_folder(str(tmp_path), 8, 1)
     assert gray.shape == (6, 8, 8, 1)
-    cfg = data.DataConfig(name="folder", path=str(tmp_path), image_size=16, num_channels=3)
+    cfg = DataConfig(name="folder", path=str(tmp_path), image_size=16, num_channels=3)
     images2, labels2 = data.load_dataset(cfg)
     np.testing.assert_array_equal(images2, images)
 
@@ -124,7 +126,7 @@ def test_within_class_pairs_only_inside_each_class_and_shard(scope, shards):
     labels = rng.integers(0, 3, 24).astype(np.int32)
     fn = make_batch_fn(Options("linear", scope=scope, num_shards=2, group_key="label",
                                   solver="scipy"))
-    out, _ = assignment.split_diagnostics(fn({"x": x, "z": z, "label": labels}, 0))
+    out, _ = fn({"x": x, "z": z, "label": labels}, 0)
     size = 24 // shards
     for s in range(shards):
         for g in range(3):
@@ -144,7 +146,7 @@ def test_within_class_needs_labels_and_a_permuting_method():
         make_batch_fn(Options("knn", group_key="label"))
     config = tiny_config(**{"assignment.within_class": True, "assignment.method": "linear"})
     with pytest.raises(ValueError, match="num_classes"):
-        train.validate(config)
+        config_lib.for_training(config)
 
 
 def test_celeba_shaped_mock_data_is_cropped_and_resized():
@@ -153,7 +155,7 @@ def test_celeba_shaped_mock_data_is_cropped_and_resized():
     from configs import celeba64_ct
 
     config = celeba64_ct.get_config()
-    cfg = data.DataConfig.from_config(config)
+    cfg = view(DataConfig, config.data)
     with tfds.testing.mock_data(num_examples=5):
         images, labels = data.load_dataset(cfg)
         crop_only, _ = data.load_dataset(dataclasses.replace(cfg, image_size=140))
@@ -168,7 +170,7 @@ def test_celeba_shaped_mock_data_is_cropped_and_resized():
     with pytest.raises(data.DatasetError, match="larger than the images"):
         data.center_crop(images, 65)
     with pytest.raises(data.DatasetError, match="tfds:<name>"):
-        data.load_dataset(data.DataConfig(name="celeba"))
+        data.load_dataset(DataConfig(name="celeba"))
 
 
 def test_network_at_64x64_in_shrunk_form():

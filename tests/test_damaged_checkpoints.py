@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from cm import checkpoints, logs, train
+from cm import train
+from cm.runtime import checkpoints, logs
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

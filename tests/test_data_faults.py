@@ -9,6 +9,7 @@ from PIL import Image
 
 from cm import data
 from cm.data import image_folder, pixels
+from cm.runtime.views import DataConfig, view
 from evaluation import features
 from evaluation import run as eval_run
 from tests.helpers import tiny_config
@@ -39,9 +40,9 @@ def test_float_npz_images_are_refused_unless_their_range_is_given(tmp_path):
     # Through the config, as a run loads it.
     config = tiny_config(**{"data.name": "npz", "data.path": save_npz(tmp_path, unit)})
     with pytest.raises(data.DatasetError, match="data.value_range"):
-        data.load_dataset(data.DataConfig.from_config(config))
+        data.load_dataset(view(DataConfig, config.data))
     config.data.value_range = "0,1"
-    assert data.load_dataset(data.DataConfig.from_config(config))[0].max() > 200
+    assert data.load_dataset(view(DataConfig, config.data))[0].max() > 200
 
 
 def write_16bit_pngs(folder, values):
@@ -88,6 +89,6 @@ def test_fid_stats_of_two_folders_of_the_same_size_are_kept_apart(tmp_path):
     assert len(os.listdir(tmp_path / "cache" / "fid_stats")) == 2
     assert means[0] < 0.15 < means[1]  # each folder's own statistics
     # The same folder maps to the same file (the cache still works).
-    same = data.DataConfig(name="folder", path=str(tmp_path / "a" / "images"), image_size=8,
+    same = DataConfig(name="folder", path=str(tmp_path / "a" / "images"), image_size=8,
                            num_channels=1)
     assert features.reference_path(same, "pixels", "", str(tmp_path / "cache")) == paths[0]

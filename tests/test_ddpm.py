@@ -3,6 +3,7 @@ Gaussian data, a tiny run that trains, samples and evaluates, and what the loss 
 under assignment. Reference values are computed here in NumPy (float64) from the
 formulas of Ho et al. (2020), Song et al. (2021) and Nichol & Dhariwal (2021)."""
 
+import dataclasses
 import math
 import os
 
@@ -11,11 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, data, ddpm, losses, nets, sample_run, solvers, train, workdir
+from cm import config as config_lib
+from cm import data, nets, objectives, sample_run, train
+from cm.objectives import SampleOptions, ddpm, edm
+from cm.runtime import workdir
+from cm.runtime.views import CMConfig
 from tests.helpers import override, tiny_config
 
 T = 1000
-CFG = consistency.CMConfig(loss="ddpm")  # T = 1000, linear 1e-4 .. 0.02
+CFG = CMConfig(loss="ddpm")  # T = 1000, linear 1e-4 .. 0.02
 
 
 def linear_alpha_bar(n=T, lo=1e-4, hi=0.02):
@@ -40,7 +45,7 @@ def test_alpha_bar_of_the_linear_and_cosine_schedules():
     assert sched.alphas_cumprod_prev[0] == 1.0
     # Cosine: alpha_bar_t = f(t + 1) / f(0), f(u) = cos^2(pi/2 (u/T + s) / (1 + s)),
     # wherever the 0.999 clip of the betas has not acted (it acts only at the very end).
-    cos = ddpm.schedule_of(consistency.CMConfig(loss="ddpm", beta_schedule="cosine"))
+    cos = ddpm.schedule_of(CMConfig(loss="ddpm", beta_schedule="cosine"))
     f = lambda u: math.cos(math.pi / 2 * (u / T + 0.008) / 1.008) ** 2  # noqa: E731
     want = np.array([f(t + 1) / f(0) for t in range(T)])
     clipped = cos.betas >= 0.999
@@ -110,7 +115,7 @@ def test_loss_diffuses_with_z_and_regresses_it():
 
 
 def test_t_is_uniform_over_all_timesteps():
-    cfg = consistency.CMConfig(loss="ddpm", num_timesteps=10)
+    cfg = CMConfig(loss="ddpm", num_timesteps=10)
     seen = []
 
     def apply_fn(params, x_in, t_cond, labels, train, key):
@@ -301,6 +306,7 @@ def _tiny_ddpm_config(**overrides):
     config.model.nf, config.model.ch_mult = 8, (1,)
     config.model.num_res_blocks, config.model.attn_resolutions = 1, ()
     config.cm.num_timesteps = 20
+    config.eval.samplers = ("ddim10",)  # within T = 20 (checked when the run starts)
     config.training.n_iters, config.training.snapshot_every = 2, 2
     config.training.sample_every = 2
     config.training.n_grid = 8
@@ -321,50 +327,56 @@ def test_ddpm_config_trains_samples_and_evaluates(tmp_path):
     saved = workdir.load_config(str(tmp_path))
     saved.sample.n, saved.sample.solver, saved.sample.steps = 4, "ddim", 5
     saved.sample.eta = 0.5
-    path = sample_run.sample_from_workdir(str(tmp_path), saved)
+    path = sample_run.sample(saved, str(tmp_path))
     assert os.path.basename(path).endswith("_ddim5_eta0.5.npz")
     with np.load(path) as f:
         assert f["images"].shape == (4, 8, 8, 1)
     saved.sample.solver, saved.sample.steps = "ddpm", 20  # ancestral over all T steps
-    with np.load(sample_run.sample_from_workdir(str(tmp_path), saved)) as f:
+    with np.load(sample_run.sample(saved, str(tmp_path))) as f:
         assert f["images"].shape == (4, 8, 8, 1) and f["images"].std() > 0
 
     ev = workdir.load_config(str(tmp_path))
     ev.eval.samplers = ("heun18",)  # an EDM solver: refused, with this run's names
     with pytest.raises(ValueError, match="ddim or ddpm"):
-        eval_run.evaluate(str(tmp_path), ev)
+        eval_run.evaluate(ev, str(tmp_path))
     ev.eval.samplers, ev.eval.n_samples, ev.eval.batch_size = ("ddim3", "ddpm20"), 8, 8
     ev.eval.stats_path = str(tmp_path / "ref.npz")
-    rows = eval_run.evaluate(str(tmp_path), ev)
+    rows = eval_run.evaluate(ev, str(tmp_path))
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("ddim3", 3), ("ddpm20", 20)]
     assert rows[0]["ts"] == [13.0, 6.0, 0.0] and rows[0]["eta"] == 0.0
     assert rows[1]["ts"] == list(np.arange(19, -1, -1.0)) and "eta" not in rows[1]
     assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] > 0 for r in rows)
-    assert eval_run.evaluate(str(tmp_path), ev) == rows  # done rows are not recomputed
+    assert eval_run.evaluate(ev, str(tmp_path)) == rows  # done rows are not recomputed
     ev.eval.eta, ev.eval.samplers = 1.0, ("ddim3",)  # another eta: another row
-    (row,) = eval_run.evaluate(str(tmp_path), ev)
+    (row,) = eval_run.evaluate(ev, str(tmp_path))
     assert row["eta"] == 1.0 and row["fd_pixels"] != rows[0]["fd_pixels"]
     ev.eval.skip = "quadratic"  # quadratic: floor(16 i^2 / 4) = 0, 4, 16
-    (row,) = eval_run.evaluate(str(tmp_path), ev)
+    (row,) = eval_run.evaluate(ev, str(tmp_path))
     assert row["ts"] == [16.0, 4.0, 0.0]
     assert len(eval_run.read_results(str(tmp_path))) == 4
 
 
+def edm_cfg():
+    return CMConfig(loss="edm")
+
+
 def test_sampler_names_and_checks():
-    assert solvers.parse("ddim50") == ("ddim", 50) and solvers.parse("ddpm1000") == (
+    sampling = ddpm.SAMPLING
+    assert sampling.parse("ddim50") == ("ddim", 50) and sampling.parse("ddpm1000") == (
         "ddpm", 1000)
-    assert solvers.parse("ddim0") is None and solvers.parse("ddim") is None
-    assert [solvers.network_calls(*solvers.parse(s))
-            for s in ("ddim10", "ddim50", "ddim100", "ddpm1000", "heun18")] == [
-        10, 50, 100, 1000, 35]
+    assert sampling.parse("ddim0") is None and sampling.parse("ddim") is None
+    nfe = {s: sampling.named(CFG, s, SampleOptions()).nfe
+           for s in ("ddim10", "ddim50", "ddim100", "ddpm1000")}
+    assert list(nfe.values()) == [10, 50, 100, 1000]
+    assert edm.SAMPLING.named(edm_cfg(), "heun18", SampleOptions()).nfe == 35
     with pytest.raises(ValueError, match="ddim"):
-        solvers.check(CFG, "heun", 18, solvers.Options())
+        sampling.named(CFG, "heun18", SampleOptions())
     with pytest.raises(ValueError, match="steps"):
-        solvers.check(CFG, "ddpm", T + 1, solvers.Options())
+        sampling.named(CFG, f"ddpm{T + 1}", SampleOptions())
     with pytest.raises(ValueError, match="eta"):
-        solvers.check(CFG, "ddim", 10, solvers.Options(eta=1.5))
+        sampling.named(CFG, "ddim10", SampleOptions(eta=1.5))
     with pytest.raises(ValueError, match="sample"):
-        train.validate(_tiny_ddpm_config(**{"sample.solver": "euler"}))
+        config_lib.for_training(_tiny_ddpm_config(**{"sample.solver": "euler"}))
 
 
 @pytest.mark.parametrize("method", ["none", "linear"])
@@ -382,7 +394,8 @@ def test_with_assignment_the_loss_sees_permuted_eps_and_untouched_images(method,
         jax.debug.callback(record, step, jax.lax.axis_index("data"), x, z)
         return ddpm.ddpm_loss(apply_fn, cfg, params, target, x, z, step, *args, **kwargs)
 
-    monkeypatch.setitem(losses.LOSS_FNS, "ddpm", recording_loss)
+    monkeypatch.setitem(objectives.REGISTRY, "ddpm",
+                        dataclasses.replace(objectives.get("ddpm"), loss=recording_loss))
     config = _tiny_ddpm_config(**{"assignment.method": method, "training.batch_size": 64,
                                   "training.sample_every": 0})
     train.train(config, str(tmp_path))

@@ -13,13 +13,17 @@ the step's `shard_map` raised a TypeError (carry types differ in their varying m
 first step. The pairing now runs in a `shard_map` of its own (cm/train_step.py).
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from cm import consistency, data, losses, pairing, train_step
+from cm import config as config_lib
+from cm import data, objectives, pairing, train_step
 from cm import setup as setup_lib
+from cm.runtime import distributed
 from cm.setup import Setup
 from tests.helpers import tiny_config
 
@@ -30,7 +34,7 @@ def test_device_path_pairs_each_shard_inside_the_step(method, monkeypatch):
     batch_size, per = 8 * n_dev, 8
     config = tiny_config(**{"assignment.method": method, "assignment.where": "device",
                             "assignment.scope": "device", "training.batch_size": batch_size})
-    pair = pairing.Pairing(config, jax.local_device_count())
+    pair = pairing.Pairing(config_lib.build(config).assignment, 0, jax.local_device_count())
     assert pair.options.method == "none", "the host stage must not pair on the device path"
 
     seen = {}
@@ -40,16 +44,18 @@ def test_device_path_pairs_each_shard_inside_the_step(method, monkeypatch):
 
     def recording_loss(apply_fn, cfg, params, target, x, z, step, *args, **kwargs):
         jax.debug.callback(record, jax.lax.axis_index("data"), x, z)
-        return consistency.consistency_loss(apply_fn, cfg, params, target, x, z, step, *args,
-                                            **kwargs)
+        return original(apply_fn, cfg, params, target, x, z, step, *args, **kwargs)
 
-    monkeypatch.setitem(losses.LOSS_FNS, config.cm.loss, recording_loss)
+    objective = objectives.get(config.cm.loss)
+    original = objective.loss
+    monkeypatch.setitem(objectives.REGISTRY, config.cm.loss,
+                        dataclasses.replace(objective, loss=recording_loss))
     setup = Setup(config)
-    step = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, (0.99,), setup.mesh,
-                                      device_assign=pair.device_fn)
-    frozen, _ = setup_lib.frozen_inputs(setup.config, setup)
+    step = train_step.make_train_step(setup.apply_fn, setup.cm, setup.objective, setup.tx,
+                                      (0.99,), setup.mesh, device_assign=pair.device_fn)
+    frozen, _ = setup_lib.frozen_inputs(setup)
     raw = data.Batcher(data.load_digits(8), batch_size, seed=0, random_flip=False).batch(0)
-    _, metrics = step(setup.init_state(), train_step.shard_batch(raw, setup.mesh), frozen)
+    _, metrics = step(setup.init_state(), distributed.shard_batch(raw, setup.mesh), frozen)
     jax.effects_barrier()
     assert np.isfinite(float(metrics["loss"]))
     assert sorted(seen) == list(range(n_dev))
@@ -94,19 +100,17 @@ def test_host_stage_measures_nothing_on_the_device_path(where, monkeypatch):
     """On the device path the step measures the pairing; the host used to compute the
     unpaired batch's distances as well, then throw them away (a full pass over each
     batch in the input thread). The host path still measures (the patch is seen)."""
-    from assignment import _diagnostics
-
     calls = []
 
     def counting(x, z_before, z_after):
         calls.append(len(x))
         return {"distance_before": 1.0, "distance_after": 1.0, "reduction": 0.0}
 
-    monkeypatch.setattr(_diagnostics, "distance_stats", counting)
+    monkeypatch.setattr(pairing, "distance_stats", counting)
     n_dev = jax.device_count()
     config = tiny_config(**{"assignment.method": "linear", "assignment.where": where,
                             "assignment.scope": "device", "training.batch_size": 8 * n_dev})
-    pair = pairing.Pairing(config, jax.local_device_count())
+    pair = pairing.Pairing(config_lib.build(config).assignment, 0, jax.local_device_count())
     batcher = data.Batcher(data.load_digits(8), 8 * n_dev, seed=0, random_flip=False)
     with pair.inputs(batcher, 0, place=lambda a: a) as inputs:
         item = next(inputs)

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, train
+from cm import train
+from cm.runtime import checkpoints
 from cm.setup import Setup
 from tests.helpers import tiny_config
 

@@ -8,11 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import checkpoints, consistency, edm, init_from, sample_run, train, workdir
+from cm import init_from, objectives, sample_run, train
 from cm import setup as setup_lib
+from cm.objectives import SampleOptions, edm
+from cm.runtime import checkpoints, workdir
+from cm.runtime.views import CMConfig, EvalConfig
 from tests.helpers import tiny_config
 
-CFG = consistency.CMConfig(loss="edm", p_mean=-1.2, p_std=1.2)
+CFG = CMConfig(loss="edm", p_mean=-1.2, p_std=1.2)
 
 
 def test_preconditioning_by_hand():
@@ -64,7 +67,7 @@ def test_ode_sampler_recovers_gaussian_variance(solver, steps, tol):
         x = x_in / c_in
         return (s2 / (s2 + sigma**2) * x - c_skip * x) / c_out
 
-    cfg = consistency.CMConfig(loss="edm", sigma_max=20.0)
+    cfg = CMConfig(loss="edm", sigma_max=20.0)
     out = edm.ode_sample(exact_apply, None, cfg, jax.random.PRNGKey(0), (256, 8, 8, 1), steps,
                          solver)
     # The exact ODE maps sigma_max z to s z (sqrt(s^2 + 20^2) / 20 - 1 < 1e-4).
@@ -95,7 +98,7 @@ def test_edm_config_trains_and_samples(tmp_path):
     train.train(config, str(tmp_path))
     saved = workdir.load_config(str(tmp_path))
     saved.sample.n, saved.sample.solver = 4, "euler"
-    path = sample_run.sample_from_workdir(str(tmp_path), saved)
+    path = sample_run.sample(saved, str(tmp_path))
     assert os.path.basename(path).endswith("_euler4.npz")
     with np.load(path) as f:
         assert f["images"].shape == (4, 8, 8, 1)
@@ -106,16 +109,16 @@ def test_edm_config_trains_and_samples(tmp_path):
     assert tuple(ev.eval.samplers) == ("heun18",)  # cifar10_edm's default
     ev.eval.samplers = ("1step", "heun2")  # a mix: refused
     with pytest.raises(ValueError, match="heun18"):
-        eval_run.evaluate(str(tmp_path), ev)
+        eval_run.evaluate(ev, str(tmp_path))
     ev.eval.samplers, ev.eval.n_samples, ev.eval.batch_size = ("heun2", "euler3"), 8, 8
     ev.eval.stats_path = str(tmp_path / "ref.npz")
-    rows = eval_run.evaluate(str(tmp_path), ev)
+    rows = eval_run.evaluate(ev, str(tmp_path))
     assert [(r["sampler"], r["nfe"]) for r in rows] == [("heun2", 3), ("euler3", 3)]
     assert rows[0]["ts"] == pytest.approx(list(edm.karras_steps(2, 0.002, 80.0, 7.0)))
     assert len(rows[1]["ts"]) == 4
     assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] > 0 for r in rows)
     assert rows[0]["fd_pixels"] != rows[1]["fd_pixels"]
-    assert eval_run.evaluate(str(tmp_path), ev) == rows  # done rows are not recomputed
+    assert eval_run.evaluate(ev, str(tmp_path)) == rows  # done rows are not recomputed
     # Consistency names only (e.g. a run saved before EDM evaluation existed): the run's
     # own sampler, sample.solver + sample.steps, is evaluated instead.
     ev.eval.samplers = ("1step", "2step")
@@ -123,23 +126,26 @@ def test_edm_config_trains_and_samples(tmp_path):
     saved = workdir.load_config(str(tmp_path))
     saved.sample.solver, saved.sample.steps = "euler", 3
     workdir.write_config(str(tmp_path), saved)
-    assert eval_run.evaluate(str(tmp_path), ev) == [rows[1]]  # euler3, already done
+    assert eval_run.evaluate(ev, str(tmp_path)) == [rows[1]]  # euler3, already done
 
 
 def test_eval_sampler_names_follow_the_kind_of_model():
     from evaluation import run as eval_run
 
-    assert eval_run.parse_ode_sampler("heun18") == ("heun", 18)
-    assert eval_run.parse_ode_sampler("euler0") is None
-    assert eval_run.parse_ode_sampler("2step") is None
-    assert [eval_run.network_calls(s) for s in ("1step", "2step", "heun18", "euler50")] == [
-        1, 2, 35, 50]
-    ev = eval_run.EvalConfig(samplers=("heun18",))
-    ev.validate(diffusion=True)
+    del eval_run
+    assert edm.SAMPLING.parse("heun18") == ("heun", 18)
+    assert edm.SAMPLING.parse("euler0") is None
+    assert edm.SAMPLING.parse("2step") is None
+    ct_cfg, edm_cfg = CMConfig(loss="ct"), CMConfig(loss="edm")
+    assert [objectives.get(c.loss).sampling.named(c, s, SampleOptions()).nfe for c, s in (
+        (ct_cfg, "1step"), (ct_cfg, "2step"), (edm_cfg, "heun18"),
+        (edm_cfg, "euler50"))] == [1, 2, 35, 50]
+    ev = EvalConfig(samplers=("heun18",))
+    edm.SAMPLING.check_eval(edm_cfg, ev)
     with pytest.raises(ValueError, match="for EDM runs"):
-        ev.validate()
+        objectives.get("ct").sampling.check_eval(ct_cfg, ev)
     with pytest.raises(ValueError, match="ODE solvers"):
-        eval_run.EvalConfig(samplers=("1step",)).validate(diffusion=True)
+        edm.SAMPLING.check_eval(edm_cfg, EvalConfig(samplers=("1step",)))
 
 
 def _leaves(tree):
@@ -209,7 +215,7 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
 
 def test_heun_step_matches_the_sampler():
     apply_fn = lambda p, x, t, labels, train, key: 0.1 * x  # noqa: E731
-    cfg = consistency.CMConfig(loss="edm", sigma_max=10.0)
+    cfg = CMConfig(loss="edm", sigma_max=10.0)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 1)) * 10.0
     ts = edm.karras_steps(2, cfg.sigma_min, cfg.sigma_max, cfg.rho)  # [10, 0.002, 0]
     step = edm.heun_step(apply_fn, None, x, jnp.full((3,), ts[0]), jnp.full((3,), ts[1]), 0.5)
@@ -233,5 +239,5 @@ def test_class_conditional_edm_trains_and_samples_a_class(tmp_path):
     assert os.path.exists(tmp_path / "samples" / "step_00000002.png")
     saved = workdir.load_config(str(tmp_path))
     saved.sample.n, saved.sample.label = 4, 7
-    with np.load(sample_run.sample_from_workdir(str(tmp_path), saved)) as f:
+    with np.load(sample_run.sample(saved, str(tmp_path))) as f:
         assert f["images"].shape == (4, 8, 8, 1)

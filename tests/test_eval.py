@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, data, train, workdir
+from cm import data, train
+from cm.runtime import checkpoints, workdir
+from cm.runtime.views import DataConfig
 from cm.setup import Setup
 from evaluation import features, fid
 from evaluation import run as eval_run
@@ -51,7 +53,7 @@ def uninterrupted(trained, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(eval_run, "_evaluate_one", spy)
-        rows = eval_run.evaluate(run_dir)
+        rows = eval_run.evaluate(None, run_dir)
     return run_dir, rows, evaluated
 
 
@@ -83,9 +85,9 @@ def test_select_steps_without_snapshots():
 
 
 def test_feature_kinds_and_auto():
-    digits = data.DataConfig(name="digits", image_size=8, num_channels=1)
-    cifar = data.DataConfig(name="cifar10")
-    gray = data.DataConfig(name="npz", num_channels=1)
+    digits = DataConfig(name="digits", image_size=8, num_channels=1)
+    cifar = DataConfig(name="cifar10")
+    gray = DataConfig(name="npz", num_channels=1)
     assert features.resolve_kind("auto", digits) == "pixels"
     assert features.resolve_kind("auto", gray) == "pixels"
     assert features.resolve_kind("auto", cifar) == "inception"
@@ -155,7 +157,7 @@ def test_interrupted_and_resumed_evaluation_writes_the_same_rows(
     shutil.copytree(trained, run_dir)
 
     # 1. A round budget: the first (step, sampler) and one round of the second.
-    rows = eval_run.evaluate(run_dir, max_rounds=4)
+    rows = eval_run.evaluate(None, run_dir, max_rounds=4)
     assert rows == full_rows[:1] and eval_run.read_results(run_dir) == full_rows[:1]
     assert len(eval_run.progress_dirs(run_dir)) == 1
 
@@ -171,12 +173,12 @@ def test_interrupted_and_resumed_evaluation_writes_the_same_rows(
 
     monkeypatch.setattr(eval_run, "round_features", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        eval_run.evaluate(run_dir)
+        eval_run.evaluate(None, run_dir)
     monkeypatch.setattr(eval_run, "round_features", real)
     assert eval_run.read_results(run_dir) == full_rows[:2]
 
     # 3. Resume to the end.
-    assert eval_run.evaluate(run_dir) == full_rows
+    assert eval_run.evaluate(None, run_dir) == full_rows
     assert results_text(run_dir) == results_text(full_dir)
 
 
@@ -191,17 +193,17 @@ def test_rerun_skips_done_rows_and_given_config_overrides_eval(uninterrupted, tm
         raise AssertionError("a finished row was recomputed")
 
     monkeypatch.setattr(eval_run, "round_features", no_sampling)
-    assert eval_run.evaluate(run_dir) == full_rows
+    assert eval_run.evaluate(None, run_dir) == full_rows
     assert results_text(run_dir) == before
 
     # A given config contributes its eval section only: here a done subset...
     config = eval_config(tmp_path, **{"eval.steps": "latest", "eval.samplers": ("2step",),
                                       "model.nf": 999})
-    assert eval_run.evaluate(run_dir, config) == [full_rows[3]]
+    assert eval_run.evaluate(config, run_dir) == [full_rows[3]]
     # ... and here a new sample count, which is a new row.
     monkeypatch.undo()
     config.eval.n_samples = 8
-    (row,) = eval_run.evaluate(run_dir, config)
+    (row,) = eval_run.evaluate(config, run_dir)
     assert (row["step"], row["sampler"], row["n"]) == (2, "2step", 8)
     assert eval_run.read_results(run_dir) == full_rows + [row]
     assert workdir.load_config(run_dir).model.nf == 8  # the saved config is untouched
@@ -210,12 +212,12 @@ def test_rerun_skips_done_rows_and_given_config_overrides_eval(uninterrupted, tm
 def test_evaluate_rejects_bad_settings(trained, tmp_path):
     config = eval_config(tmp_path, **{"eval.samplers": ("3step",)})
     with pytest.raises(ValueError, match="eval.samplers"):
-        eval_run.evaluate(trained, config)
+        eval_run.evaluate(config, trained)
     config = eval_config(tmp_path, **{"eval.steps": "7"})
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
-        eval_run.evaluate(trained, config)
+        eval_run.evaluate(config, trained)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        eval_run.evaluate(str(tmp_path / "nothing"))
+        eval_run.evaluate(None, str(tmp_path / "nothing"))
 
 
 def test_a_cut_round_keeps_only_its_first_count_samples():

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, train, workdir
+from cm import train
+from cm.runtime import checkpoints, workdir
 from cm.setup import Setup
 from evaluation import fashion_net, features
 from evaluation import run as eval_run
@@ -33,7 +34,7 @@ def test_evaluation_samples_with_the_configured_ema(tmp_path, monkeypatch):
         return real(progress, sampler, params, *args, **kwargs)
 
     monkeypatch.setattr(eval_run, "_evaluate_one", spy)
-    rows = eval_run.evaluate(run_dir)
+    rows = eval_run.evaluate(None, run_dir)
     assert len(rows) == 1 and len(seen) == 1
     assert rows[0]["ema"] == 0.5  # the row says which EMA it was computed from
     ckpt = checkpoints.Checkpointer(run_dir)

@@ -14,6 +14,7 @@ import scipy.ndimage
 
 from cm import data, train
 from cm.data import idx
+from cm.runtime.views import DataConfig
 from evaluation import fashion_net, features, fid
 from evaluation import run as eval_run
 from tests.helpers import tiny_config
@@ -109,7 +110,7 @@ def test_cached_weights_sha256(tiny_params, tmp_path, monkeypatch):
 
 
 def test_feature_registry_and_reference_statistics(tiny_cache, tiny_params, monkeypatch):
-    fm = data.DataConfig(name="fashion_mnist", image_size=16, num_channels=1)
+    fm = DataConfig(name="fashion_mnist", image_size=16, num_channels=1)
     assert features.resolve_kind("auto", fm) == "fashion"
     f = features.make_features("fashion", fm, features.Options(cache_dir=tiny_cache))
     sha = fashion_net.load(fashion_net.weights_path(tiny_cache))[1]["sha256"]
@@ -118,7 +119,7 @@ def test_feature_registry_and_reference_statistics(tiny_cache, tiny_params, monk
     assert features.reference_path(fm, f.tag, cache_dir=tiny_cache).endswith(
         f"fid_stats/fashion_mnist_train_16px_fashion-{sha[:8]}.npz")
     with pytest.raises(ValueError, match="grayscale"):
-        features.make_features("fashion", data.DataConfig(image_size=16, num_channels=3),
+        features.make_features("fashion", DataConfig(image_size=16, num_channels=3),
                                features.Options(cache_dir=tiny_cache))
     # Reference statistics of a small dataset = the direct statistics of its features.
     images, _ = synthetic(50, 3)
@@ -139,7 +140,7 @@ def test_evaluation_row_has_fd_fashion_and_classifier_score(tiny_cache, tmp_path
                             "eval.cache_dir": tiny_cache})
     run_dir = str(tmp_path / "run")
     train.train(config, run_dir)
-    (row,) = eval_run.evaluate(run_dir)
+    (row,) = eval_run.evaluate(None, run_dir)
     assert row["metric"] == "fd_fashion" and np.isfinite(row["fd_fashion"])
     assert row["fd_fashion"] > 0 and 1.0 <= row["is"] <= 10.0  # 10 classes: score in [1, 10]
 

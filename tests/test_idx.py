@@ -13,6 +13,7 @@ import pytest
 
 from cm import data
 from cm.data import idx
+from cm.runtime.views import DataConfig
 
 
 def _idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
@@ -136,7 +137,7 @@ def test_emnist_names_one_file_and_ambiguous_folders(tmp_path):
 
 def test_data_config_pads_to_32_and_resizes_other_sizes(tmp_path):
     want = _dataset(tmp_path)
-    cfg = data.DataConfig(name="idx", path=str(tmp_path), split="train", image_size=32,
+    cfg = DataConfig(name="idx", path=str(tmp_path), split="train", image_size=32,
                           num_channels=1)
     images, labels = data.load_dataset(cfg)
     assert images.shape == (5, 32, 32, 1)
@@ -150,7 +151,7 @@ def test_data_config_pads_to_32_and_resizes_other_sizes(tmp_path):
     ramp = np.broadcast_to(8 * np.arange(28, dtype=np.uint8), (3, 28, 28))
     os.makedirs(tmp_path / "ramp")
     _write(tmp_path / "ramp" / "t10k-images-idx3-ubyte.gz", _idx_bytes(ramp))
-    small, labels = data.load_dataset(data.DataConfig(name="idx", path=str(tmp_path / "ramp"),
+    small, labels = data.load_dataset(DataConfig(name="idx", path=str(tmp_path / "ramp"),
                                                       split="test", image_size=14,
                                                       num_channels=1))
     assert small.shape == (3, 14, 14, 1) and labels is None
@@ -160,12 +161,12 @@ def test_data_config_pads_to_32_and_resizes_other_sizes(tmp_path):
 
 
 def test_missing_dataset_says_how_to_install(tmp_path):
-    cfg = data.DataConfig(name="fashion_mnist", path=str(tmp_path / "nowhere"),
+    cfg = DataConfig(name="fashion_mnist", path=str(tmp_path / "nowhere"),
                           image_size=28, num_channels=1)
     with pytest.raises(data.DatasetError, match="apt-get install -y dataset-fashion-mnist"):
         data.load_dataset(cfg)
     with pytest.raises(data.DatasetError, match="data.name=idx needs data.path"):
-        data.load_dataset(data.DataConfig(name="idx", image_size=28, num_channels=1))
+        data.load_dataset(DataConfig(name="idx", image_size=28, num_channels=1))
 
 
 _INSTALLED = os.path.isfile(os.path.join(idx.FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz"))
@@ -175,7 +176,7 @@ _INSTALLED = os.path.isfile(os.path.join(idx.FASHION_MNIST_DIR, "train-images-id
                     reason=f"Fashion-MNIST not installed: {idx.FASHION_MNIST_INSTALL}")
 def test_real_fashion_mnist_files():
     for split, n in (("train", 60_000), ("test", 10_000)):
-        cfg = data.DataConfig(name="fashion_mnist", split=split, image_size=28,
+        cfg = DataConfig(name="fashion_mnist", split=split, image_size=28,
                               num_channels=1)
         images, labels = data.load_dataset(cfg)
         assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8

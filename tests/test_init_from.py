@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from cm import checkpoints, init_from, train, train_step
+from cm import config as config_lib
+from cm import init_from, train
+from cm.runtime import checkpoints
 from cm.setup import Setup
 from tests.helpers import tiny_config
 
@@ -127,9 +129,9 @@ def test_a_missing_source_or_step_is_a_clear_error(source_run, tmp_path):
 def test_ema_halflife_in_kimg_follows_the_global_batch():
     config = tiny_config(**{"training.ema_halflife_kimg": 500.0, "training.batch_size": 512,
                             "training.ema_rates": (0.9999, 0.5)})
-    rates = train_step.ema_rates(config.training)
+    rates = config_lib.build(config).training.rates
     # EDM: the EMA's weight halves every 500k images = 500e3 / 512 steps.
     assert rates[0] == pytest.approx(math.exp(math.log(0.5) / (500e3 / 512)), rel=1e-12)
     assert round(rates[0], 5) == 0.99929 and rates[1] == 0.5
     config.training.ema_halflife_kimg = 0.0
-    assert train_step.ema_rates(config.training) == (0.9999, 0.5)
+    assert config_lib.build(config).training.rates == (0.9999, 0.5)

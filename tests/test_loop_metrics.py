@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import checkpoints, logs, train, train_step
+from cm import train, train_step
+from cm.runtime import checkpoints, logs
 from tests.helpers import tiny_config
 
 

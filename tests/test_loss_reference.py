@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, distill, edm
+from cm import objectives
+from cm.objectives import cd, edm
+from cm.runtime.views import CMConfig
 
-# Paper constants, written out here rather than read from CMConfig's defaults.
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 B, H, W, C = 6, 4, 4, 3
 RTOL = 1e-5
@@ -128,7 +129,7 @@ def metric(a, b, name):
 
 def recover_levels(cfg, step, keys, n_levels):
     """(n, t_n, t_{n+1}) from the times the project draws, matched to our own grid."""
-    t_lo, t_hi, _ = consistency.sample_levels(cfg, jnp.int32(step), keys)
+    t_lo, t_hi, _ = getattr(objectives, cfg.loss).levels(cfg, jnp.int32(step), keys)
     t_lo, t_hi = np.asarray(t_lo, np.float64), np.asarray(t_hi, np.float64)
     grid = karras_grid(n_levels)
     n = np.argmin(np.abs(np.log(t_lo)[:, None] - np.log(grid)[None, :]), axis=1)
@@ -162,16 +163,17 @@ def lognormal_draw(keys, n_levels, p_mean, p_std, pad_to):
 @pytest.mark.parametrize("metric_name", ["l2", "pseudo_huber"])
 def test_ct_loss_matches_reference(step, metric_name):
     K, s0, s1 = 1000, 2, 150
-    cfg = consistency.CMConfig(loss="ct", metric=metric_name, start_scales=s0, end_scales=s1,
+    cfg = CMConfig(loss="ct", metric=metric_name, start_scales=s0, end_scales=s1,
                                start_ema=0.9, total_steps=K, sigma_min=SIGMA_MIN,
                                sigma_max=SIGMA_MAX, rho=RHO, sigma_data=SIGMA_DATA)
     x, z, keys = inputs(1)
-    loss, aux = consistency.consistency_loss(net_jnp, cfg, jnp_params(ONLINE),
+    loss, aux = objectives.get(cfg.loss).loss(net_jnp, cfg, jnp_params(ONLINE),
                                              jnp_params(TARGET), jnp.asarray(x), jnp.asarray(z),
                                              jnp.int32(step), keys, jax.random.PRNGKey(9))
 
     n_levels = ct_n(step, K, s0, s1)
-    assert int(cfg.num_scales(jnp.int32(step))) == n_levels, "CT curriculum N(k)"
+    n_scales = objectives.get(cfg.loss).num_scales(cfg, jnp.int32(step))
+    assert int(n_scales) == n_levels, "CT curriculum N(k)"
     n, t_lo, t_hi = recover_levels(cfg, step, keys, n_levels)
     np.testing.assert_array_equal(n, uniform_draw(keys, n_levels),
                                   err_msg="n is not uniform in 0..N(k)-2 with the example key")
@@ -183,26 +185,27 @@ def test_ct_loss_matches_reference(step, metric_name):
     np.testing.assert_allclose(float(loss), np.mean(d), rtol=RTOL, err_msg="CT loss")
     np.testing.assert_allclose(float(aux["distance"]), np.mean(d), rtol=RTOL)
     # The target the loss is given is the EMA with mu(k) = exp(s0 ln mu0 / N(k)).
-    assert float(cfg.target_decay(jnp.int32(step))) == pytest.approx(
+    assert float(objectives.get(cfg.loss).target_decay(cfg, jnp.int32(step))) == pytest.approx(
         ct_mu(step, K, s0, s1, 0.9), rel=1e-6)
 
 
 @pytest.mark.parametrize("step", [0, 150, 300])
 def test_ict_loss_matches_reference(step):
     K, s0, s1, p_mean, p_std = 400, 10, 40, -1.1, 2.0
-    cfg = consistency.CMConfig(loss="ict", metric="pseudo_huber", start_scales=s0,
+    cfg = CMConfig(loss="ict", metric="pseudo_huber", start_scales=s0,
                                end_scales=s1, total_steps=K, p_mean=p_mean, p_std=p_std,
                                sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
                                sigma_data=SIGMA_DATA)
     x, z, keys = inputs(2)
     # target_params is deliberately wrong: iCT's target is the online network (mu = 0).
-    loss, aux = consistency.consistency_loss(net_jnp, cfg, jnp_params(ONLINE),
+    loss, aux = objectives.get(cfg.loss).loss(net_jnp, cfg, jnp_params(ONLINE),
                                              jnp_params(TEACHER), jnp.asarray(x),
                                              jnp.asarray(z), jnp.int32(step), keys,
                                              jax.random.PRNGKey(9))
 
     n_levels = ict_n(step, K, s0, s1)
-    assert int(cfg.num_scales(jnp.int32(step))) == n_levels, "iCT curriculum N(k)"
+    n_scales = objectives.get(cfg.loss).num_scales(cfg, jnp.int32(step))
+    assert int(n_scales) == n_levels, "iCT curriculum N(k)"
     n, t_lo, t_hi = recover_levels(cfg, step, keys, n_levels)
     np.testing.assert_array_equal(
         n, lognormal_draw(keys, n_levels, p_mean, p_std, pad_to=s1),
@@ -215,12 +218,12 @@ def test_ict_loss_matches_reference(step):
     weight = 1 / (t_hi - t_lo)  # lambda(t_n) = 1 / (t_{n+1} - t_n)
     np.testing.assert_allclose(float(loss), np.mean(weight * d), rtol=RTOL, err_msg="iCT loss")
     np.testing.assert_allclose(float(aux["distance"]), np.mean(d), rtol=RTOL)
-    assert float(cfg.target_decay(jnp.int32(step))) == 0.0
+    assert float(objectives.get(cfg.loss).target_decay(cfg, jnp.int32(step))) == 0.0
 
 
 def test_edm_loss_matches_reference():
     p_mean, p_std = -1.2, 1.2  # EDM's training sigma distribution
-    cfg = consistency.CMConfig(loss="edm", p_mean=p_mean, p_std=p_std, sigma_min=SIGMA_MIN,
+    cfg = CMConfig(loss="edm", p_mean=p_mean, p_std=p_std, sigma_min=SIGMA_MIN,
                                sigma_max=SIGMA_MAX, rho=RHO, sigma_data=SIGMA_DATA)
     x, z, keys = inputs(3)
     loss, aux = edm.edm_loss(net_jnp, cfg, jnp_params(ONLINE), None, jnp.asarray(x),
@@ -239,17 +242,18 @@ def test_edm_loss_matches_reference():
 @pytest.mark.parametrize("metric_name", ["l2", "pseudo_huber"])
 def test_cd_loss_matches_reference(metric_name):
     n_levels = 18
-    cfg = consistency.CMConfig(loss="cd", metric=metric_name, start_scales=n_levels,
+    cfg = CMConfig(loss="cd", metric=metric_name, start_scales=n_levels,
                                end_scales=n_levels, start_ema=0.95, total_steps=1000,
                                sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
                                sigma_data=SIGMA_DATA)
     x, z, keys = inputs(4)
-    loss, aux = distill.cd_loss(net_jnp, cfg, jnp_params(ONLINE), jnp_params(TARGET),
+    loss, aux = cd.cd_loss(net_jnp, cfg, jnp_params(ONLINE), jnp_params(TARGET),
                                 jnp.asarray(x), jnp.asarray(z), jnp.int32(123), keys,
                                 jax.random.PRNGKey(9), teacher_params=jnp_params(TEACHER),
                                 teacher_apply_fn=net_jnp)
 
-    assert int(cfg.num_scales(jnp.int32(123))) == n_levels, "CD uses a fixed N"
+    n_scales = objectives.get(cfg.loss).num_scales(cfg, jnp.int32(123))
+    assert int(n_scales) == n_levels, "CD uses a fixed N"
     n, t_lo, t_hi = recover_levels(cfg, 123, keys, n_levels)
     np.testing.assert_array_equal(n, uniform_draw(keys, n_levels))
     x64, z64 = x.astype(np.float64), z.astype(np.float64)
@@ -267,9 +271,9 @@ def test_cifar10_cd_target_is_the_online_network():
     target network): mu = 0, the target is stop_gradient(theta); 0.95 is ImageNet-64/LSUN."""
     from configs import cifar10_cd
 
-    cfg = consistency.CMConfig.from_config(cifar10_cd.get_config())
-    assert cfg.loss == "cd" and int(cfg.num_scales(jnp.int32(0))) == 18
-    mu = float(cfg.target_decay(jnp.int32(0)))
+    cfg = CMConfig.from_config(cifar10_cd.get_config())
+    assert cfg.loss == "cd" and int(objectives.get(cfg.loss).num_scales(cfg, jnp.int32(0))) == 18
+    mu = float(objectives.get(cfg.loss).target_decay(cfg, jnp.int32(0)))
     assert mu == 0.0, (
         f"configs/cifar10_cd.py sets cm.start_ema = {mu:g}, the CD target EMA mu; the CM paper "
         "and REFERENCE.md give mu = 0 for CIFAR-10 CD (0.95 is the ImageNet-64/LSUN setting)")

@@ -19,7 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cm import config as config_lib
 from cm.nets import lpips as cm_lpips
+from cm.runtime.views import CMConfig
 from evaluation import weights
 from tests.helpers import MINIMAL_NET, override
 
@@ -258,21 +260,21 @@ def test_heads_download_once_with_hash_check(monkeypatch, tmp_path):
 
 
 def test_distance_metric_lpips_is_lpips_distance_with_the_config_settings():
-    from cm import consistency
+    from cm.objectives import consistency
 
     variables = cm_lpips.init_variables(jax.random.PRNGKey(0))
     a, b = jax.random.uniform(jax.random.PRNGKey(1), (2, 2, 20, 20, 3), minval=-1, maxval=1)
     for pool, resize in (("max", 0), ("avg", 32)):
-        cfg = consistency.CMConfig(metric="lpips", lpips_pool=pool, lpips_resize=resize)
+        cfg = CMConfig(metric="lpips", lpips_pool=pool, lpips_resize=resize)
         got = consistency.distance(a, b, "lpips", -1.0, variables, cfg)
         want = cm_lpips.lpips_distance(variables, a, b, resize=resize or None, pool=pool)
         np.testing.assert_allclose(got, want, rtol=1e-6)
     with pytest.raises(ValueError, match="LPIPS weights"):
         consistency.distance(a, b, "lpips", -1.0)
     with pytest.raises(ValueError, match="lpips_pool"):
-        consistency.CMConfig(metric="lpips", lpips_pool="min")
+        CMConfig(metric="lpips", lpips_pool="min")
     with pytest.raises(ValueError, match="at least 16"):  # VGG16 would pool 8x8 to nothing
-        consistency.CMConfig(metric="lpips", lpips_resize=8)
+        CMConfig(metric="lpips", lpips_resize=8)
 
 
 def _rgb_config(tmp_path, size=16):
@@ -315,15 +317,14 @@ def test_ct_trains_with_lpips_from_the_configured_weight_paths(tmp_path, monkeyp
 
 
 def test_lpips_metric_rejects_grey_or_tiny_images(tmp_path):
-    from cm import train
     from tests.helpers import tiny_config
 
     config = tiny_config(**{"cm.metric": "lpips", "cm.loss": "ct"})  # 8x8 grey digits
     with pytest.raises(ValueError, match="RGB"):
-        train.validate(config)
+        config_lib.for_training(config)
     config = _rgb_config(tmp_path, size=8)
     config.cm.metric = "lpips"
     with pytest.raises(ValueError, match="at least 16x16"):
-        train.validate(config)
+        config_lib.for_training(config)
     config.cm.lpips_resize = 224
-    train.validate(config)
+    config_lib.for_training(config)

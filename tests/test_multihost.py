@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, data, distributed
+from cm import data
+from cm.runtime import checkpoints, distributed
 from cm.setup import Setup
 from tests.helpers import tiny_config
 
@@ -36,7 +37,8 @@ OVERRIDES = {
 WORKER = textwrap.dedent("""
     import json, sys
     import jax
-    from cm import distributed, train
+    from cm import train
+    from cm.runtime import distributed
     from tests.helpers import tiny_config
 
     run_dir, stop_after, cfg = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])

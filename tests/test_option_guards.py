@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from cm import checkpoints, pairing, train, workdir
+from cm import config as config_lib
+from cm import pairing, train
+from cm.config import ConfigError
+from cm.runtime import checkpoints, workdir
 from cm.setup import Setup
 from configs import base, quickstart
 from tests.helpers import run_main, tiny_config
@@ -12,23 +15,23 @@ from tests.helpers import run_main, tiny_config
 
 def test_keep_snapshots_zero_is_refused():
     # orbax's max_to_keep=0 deletes every snapshot, the last one included.
-    with pytest.raises(train.ConfigError, match="keep_snapshots must be >= 1"):
-        train.validate(tiny_config(**{"training.keep_snapshots": 0}))
-    train.validate(tiny_config(**{"training.keep_snapshots": 1}))
+    with pytest.raises(ConfigError, match="keep_snapshots must be >= 1"):
+        config_lib.for_training(tiny_config(**{"training.keep_snapshots": 0}))
+    config_lib.for_training(tiny_config(**{"training.keep_snapshots": 1}))
 
 
 def test_huge_knn_k_is_refused_with_the_limit():
     config = quickstart.get_config()
     config.assignment.method = "knn"
     config.assignment.k = 1_000_000  # 64 images x 64 values x 1e6 candidates: ~30 GiB
-    with pytest.raises(train.ConfigError, match=r"needs 30\.5 GiB .* the limit is 4 GiB: "
+    with pytest.raises(ConfigError, match=r"needs 30\.5 GiB .* the limit is 4 GiB: "
                                                 r"use k <= 131072"):
-        train.validate(config)
+        config_lib.for_training(config)
     config.assignment.k = 131072
-    train.validate(config)
+    config_lib.for_training(config)
     config.assignment.method = "linear"  # k is not used: no limit
     config.assignment.k = 1_000_000
-    train.validate(config)
+    config_lib.for_training(config)
     assert pairing.MAX_KNN_CANDIDATES_GB == 4.0
 
 
@@ -54,7 +57,7 @@ def test_n_iters_below_the_runs_step_changes_nothing(tmp_path):
     ckpt.close()
     before = {name: os.path.getmtime(os.path.join(run_dir, name)) for name in os.listdir(run_dir)}
     config_text = open(workdir.config_path(run_dir)).read()
-    with pytest.raises(train.ConfigError, match="already at step 3, past training.n_iters=2; "
+    with pytest.raises(ConfigError, match="already at step 3, past training.n_iters=2; "
                                                 "nothing was changed"):
         train.train(tiny_config(**{"training.n_iters": 2}), run_dir)
     assert open(workdir.config_path(run_dir)).read() == config_text

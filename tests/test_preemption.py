@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm import checkpoints, train
+from cm import train
+from cm.runtime import checkpoints
 from cm.setup import Setup
 from tests.helpers import tiny_config
 
@@ -75,7 +76,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(
         tmp_path, monkeypatch):
-    from cm import logs, preemption
+    from cm.runtime import logs, preemption
 
     add, calls = logs.Meter.add, []
 

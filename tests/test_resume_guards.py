@@ -10,7 +10,8 @@ import sys
 import ml_collections
 import pytest
 
-from cm import train, workdir
+from cm import train
+from cm.runtime import workdir
 from tests.helpers import override, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +54,7 @@ def test_a_changed_parameterisation_is_refused_for_training_and_sampling(tmp_pat
     config = loss_config(loss, **{field: value})
     for training in (True, False):
         with pytest.raises(workdir.IncompatibleWorkdirError, match=field.replace(".", r"\.")):
-            workdir.check_compatible(run_dir, config, training=training)
+            train.check_compatible(run_dir, config, training=training)
     with pytest.raises(workdir.IncompatibleWorkdirError, match=field.replace(".", r"\.")):
         train.train(config, run_dir)
     assert open(workdir.config_path(run_dir)).read() == before
@@ -80,8 +81,8 @@ def test_a_changed_objective_is_refused_for_training_only(tmp_path, loss, base, 
     run_dir = saved_run(tmp_path, loss, **base)
     config = loss_config(loss, **{field: value}, **base)
     with pytest.raises(workdir.IncompatibleWorkdirError, match=field.replace(".", r"\.")):
-        workdir.check_compatible(run_dir, config)
-    assert workdir.check_compatible(run_dir, config, training=False) == [field]
+        train.check_compatible(run_dir, config)
+    assert train.check_compatible(run_dir, config, training=False) == [field]
 
 
 # Fields that the saved run's loss never reads: a relaunch may change them (they are
@@ -102,7 +103,7 @@ UNREAD = [
 def test_fields_the_saved_loss_does_not_read_may_change(tmp_path, loss, base, field, value):
     run_dir = saved_run(tmp_path, loss, **base)
     config = loss_config(loss, **{field: value}, **base)
-    assert workdir.check_compatible(run_dir, config) == [field]
+    assert train.check_compatible(run_dir, config) == [field]
 
 
 def test_a_field_added_after_the_run_started_is_not_a_change(tmp_path):
@@ -113,7 +114,7 @@ def test_a_field_added_after_the_run_started_is_not_a_change(tmp_path):
     saved = json.load(open(path))
     del saved["model"]["dtype"], saved["cm"]["beta_schedule"], saved["optim"]["decay"]
     json.dump(saved, open(path, "w"))
-    assert workdir.check_compatible(run_dir, loss_config("ddpm")) == []
+    assert train.check_compatible(run_dir, loss_config("ddpm")) == []
 
 
 def ct_config(n_iters, **fields):

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from cm import checkpoints, run_lock, train
+from cm import train
+from cm.runtime import checkpoints, run_lock
 from evaluation import run as eval_run
 from tests.helpers import tiny_config
 
@@ -128,7 +129,7 @@ def test_eval_skips_a_planned_step_deleted_by_snapshot_rotation(tmp_path, monkey
 
     monkeypatch.setattr(eval_run, "select_steps", plan_then_rotate)
     caplog.set_level("WARNING")
-    rows = eval_run.evaluate(run_dir)
+    rows = eval_run.evaluate(None, run_dir)
     assert sorted({r["step"] for r in rows}) == [2]
     assert any("step 1 is gone" in r.getMessage() for r in caplog.records)
     ckpt = checkpoints.Checkpointer(run_dir)

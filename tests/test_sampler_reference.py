@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, sampling, solvers
+from cm.objectives import SampleOptions, consistency, edm
+from cm.runtime.views import CMConfig
 
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
 SHAPE = (6, 4, 4, 1)
@@ -76,14 +77,14 @@ def edm_times(n, sigma_max=SIGMA_MAX):
 
 
 def cfg_of(loss, sigma_max=SIGMA_MAX):
-    return consistency.CMConfig(loss=loss, sigma_min=SIGMA_MIN, sigma_max=sigma_max, rho=RHO,
+    return CMConfig(loss=loss, sigma_min=SIGMA_MIN, sigma_max=sigma_max, rho=RHO,
                                 sigma_data=SIGMA_DATA)
 
 
 @pytest.mark.parametrize("ts", [(80.0,), (80.0, 0.821), (80.0, 2.0, 0.005)])
 def test_multistep_consistency_sampling_matches_algorithm_1(ts):
     key = jax.random.PRNGKey(7)
-    got = np.asarray(sampling.sample(net_jnp, None, cfg_of("ct"), key, SHAPE, ts),
+    got = np.asarray(consistency.sample(net_jnp, None, cfg_of("ct"), key, SHAPE, ts),
                      np.float64)
 
     keys = jax.random.split(key, len(ts))
@@ -100,11 +101,11 @@ def test_multistep_consistency_sampling_matches_algorithm_1(ts):
 def test_ode_samplers_match_edm_algorithm_1(solver, steps):
     cfg = cfg_of("edm", EDM_SIGMA_MAX)
     ts = edm_times(steps, EDM_SIGMA_MAX)
-    np.testing.assert_allclose(solvers.times(cfg, solver, steps), ts, rtol=1e-12)
-    assert solvers.network_calls(solver, steps) == (2 * steps - 1 if solver == "heun"
-                                                    else steps)
+    spec = edm.SAMPLING.named(cfg, f"{solver}{steps}", SampleOptions())
+    np.testing.assert_allclose(spec.times, ts, rtol=1e-12)
+    assert spec.nfe == (2 * steps - 1 if solver == "heun" else steps)
     key = jax.random.PRNGKey(3)
-    sample_fn = solvers.make_sample_fn(cfg, solver, steps)
+    sample_fn = spec.sample
     got = np.asarray(sample_fn(edm_net_jnp, None, cfg, key, (64, 4, 4, 1), None), np.float64)
 
     x = ts[0] * np.asarray(jax.random.normal(key, (64, 4, 4, 1)), np.float64)
@@ -128,11 +129,12 @@ def test_recorded_ode_times_follow_karras_rho():
     (the sampler test above uses few steps, where rho matters less visibly)."""
     cfg = cfg_of("edm")
     for solver, steps in (("heun", 18), ("euler", 50)):
-        np.testing.assert_allclose(solvers.times(cfg, solver, steps), edm_times(steps),
+        spec = edm.SAMPLING.named(cfg, f"{solver}{steps}", SampleOptions())
+        np.testing.assert_allclose(spec.times, edm_times(steps),
                                    rtol=1e-12)
 
 
 @pytest.mark.parametrize("ts", [(80.0, 80.0), (0.821, 80.0), (80.0, 0.5, 0.5)])
 def test_consistency_sampling_refuses_times_not_strictly_descending(ts):
     with pytest.raises(ValueError, match="strictly descending"):
-        sampling.sample(net_jnp, None, cfg_of("ct"), jax.random.PRNGKey(0), SHAPE, ts)
+        consistency.sample(net_jnp, None, cfg_of("ct"), jax.random.PRNGKey(0), SHAPE, ts)

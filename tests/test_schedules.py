@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm import consistency, schedules
+from cm import objectives, schedules
+from cm.objectives import consistency
+from cm.runtime.views import CMConfig
 
 
 def ct_n(k, K, s0, s1):
@@ -39,7 +41,7 @@ def test_ict_curriculum(k):
 def test_each_loss_gets_its_curriculum_and_target_decay(loss):
     """N(k) and the target EMA mu(k) that the train step reads from CMConfig, at a step
     where CT's mu(k) has moved away from mu0, against the closed forms."""
-    cfg = consistency.CMConfig(loss=loss, total_steps=1000, start_scales=10, end_scales=150,
+    cfg = CMConfig(loss=loss, total_steps=1000, start_scales=10, end_scales=150,
                                start_ema=0.95)
     k, ct_k = 600, ct_n(600, 1000, 10, 150)
     k_prime = math.floor(1000 / (math.log2(math.floor(150 / 10)) + 1))
@@ -49,7 +51,9 @@ def test_each_loss_gets_its_curriculum_and_target_decay(loss):
         "edm": (0, 0.0),
         "cd": (150, 0.95),  # fixed N = s1 and mu = mu0
     }[loss]
-    got = (int(cfg.num_scales(jnp.int32(k))), float(cfg.target_decay(jnp.int32(k))))
+    objective = objectives.get(cfg.loss)
+    got = (int(objective.num_scales(cfg, jnp.int32(k))),
+           float(objective.target_decay(cfg, jnp.int32(k))))
     assert got[0] == want[0] and got[1] == pytest.approx(want[1], rel=1e-6), (got, want)
 
 
@@ -79,7 +83,7 @@ def test_lognormal_probabilities(n):
 
 
 def test_boundary_condition_exact_at_sigma_min():
-    cfg = consistency.CMConfig()
+    cfg = CMConfig()
 
     def apply_fn(params, x, t, labels, train, key):
         return 1e3 * jnp.ones_like(x) + params
@@ -102,7 +106,7 @@ def test_distance_metrics():
     np.testing.assert_allclose(consistency.distance(a, b, "pseudo_huber", -1),
                                math.sqrt(48 * 0.25 + c * c) - c, rtol=1e-6)
     with pytest.raises(ValueError, match="metric"):
-        consistency.CMConfig(metric="lpipz")
+        CMConfig(metric="lpipz")
 
 
 @pytest.mark.parametrize("loss", ["ct", "ict"])
@@ -114,7 +118,7 @@ def test_no_gradient_reaches_target(loss):
     loss written by hand with the target's parameters held fixed (and differ from the
     gradient through both passes).
     """
-    cfg = consistency.CMConfig(loss=loss, total_steps=100, start_scales=10, end_scales=40)
+    cfg = CMConfig(loss=loss, total_steps=100, start_scales=10, end_scales=40)
 
     def apply_fn(p, x, t, labels, train, key):
         assert train, "both passes run in training mode (dropout on, the same key)"
@@ -128,7 +132,7 @@ def test_no_gradient_reaches_target(loss):
     step = jnp.int32(5)
 
     def loss_of(p, t):
-        return consistency.consistency_loss(apply_fn, cfg, p, t, x, z, step, keys,
+        return objectives.get(cfg.loss).loss(apply_fn, cfg, p, t, x, z, step, keys,
                                             jax.random.PRNGKey(4))[0]
 
     g_target = jax.grad(loss_of, argnums=1)(params, target)
@@ -136,7 +140,7 @@ def test_no_gradient_reaches_target(loss):
     g_params = jax.grad(loss_of)(params, target)
 
     # By hand: online f(x + t_hi z, t_hi) against the teacher's f(x + t_lo z, t_lo).
-    t_lo, t_hi, weight = consistency.sample_levels(cfg, step, keys)
+    t_lo, t_hi, weight = getattr(objectives, cfg.loss).levels(cfg, step, keys)
     b = lambda t: t[:, None, None, None]
 
     def by_hand(p_online, p_teacher):
@@ -158,9 +162,9 @@ def test_no_gradient_reaches_target(loss):
 
 
 def test_ict_levels_follow_lognormal():
-    cfg = consistency.CMConfig(loss="ict", start_scales=10, end_scales=1280, total_steps=10)
+    cfg = CMConfig(loss="ict", start_scales=10, end_scales=1280, total_steps=10)
     keys = jax.random.split(jax.random.PRNGKey(0), 20_000)
-    t_lo, t_hi, w = consistency.sample_levels(cfg, jnp.int32(0), keys)
+    t_lo, t_hi, w = getattr(objectives, cfg.loss).levels(cfg, jnp.int32(0), keys)
     sig = np.asarray(schedules.karras_sigmas(11, 0.002, 80.0, 7.0))
     n = np.searchsorted(sig, np.asarray(t_lo) * (1 + 1e-6)) - 1
     freq = np.bincount(n, minlength=10)[:10] / len(n)

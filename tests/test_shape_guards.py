@@ -10,7 +10,9 @@ import os
 
 import pytest
 
-from cm import train, workdir
+from cm import train
+from cm.config import ConfigError
+from cm.runtime import workdir
 from tests.helpers import tiny_config
 
 # (field, saved value, new value): each changes the shapes or the tree of the state.
@@ -30,8 +32,8 @@ def test_a_change_of_the_states_shape_is_refused_by_name(tmp_path, field, saved,
     workdir.write_config(run_dir, tiny_config(**{field: saved}))
     for training in (True, False):
         with pytest.raises(workdir.IncompatibleWorkdirError, match=field.replace(".", r"\.")):
-            workdir.check_compatible(run_dir, tiny_config(**{field: new}), training=training)
-    assert workdir.check_compatible(run_dir, tiny_config(**{field: saved})) == []
+            train.check_compatible(run_dir, tiny_config(**{field: new}), training=training)
+    assert train.check_compatible(run_dir, tiny_config(**{field: saved})) == []
 
 
 def test_a_finished_run_relaunched_with_its_n_iters_is_not_refused(tmp_path):
@@ -40,5 +42,5 @@ def test_a_finished_run_relaunched_with_its_n_iters_is_not_refused(tmp_path):
     os.makedirs(os.path.join(run_dir, "resume", "4"))
     train.check_not_past_end(run_dir, 6)  # at its end: nothing to do, not an error
     train.check_not_past_end(run_dir, 8)
-    with pytest.raises(train.ConfigError, match="already at step 6"):
+    with pytest.raises(ConfigError, match="already at step 6"):
         train.check_not_past_end(run_dir, 5)

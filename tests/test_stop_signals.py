@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from cm import preemption
+from cm.runtime import preemption
 
 
 def test_first_sigint_requests_a_stop_and_a_second_one_interrupts():

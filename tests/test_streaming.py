@@ -9,6 +9,7 @@ from PIL import Image
 
 from cm import data
 from cm.data import image_folder, streaming
+from cm.runtime.views import DataConfig
 
 
 def _folder(root, n=10):
@@ -64,14 +65,14 @@ def test_auto_streams_only_when_too_large(tmp_path):
                                          max_memory_gb=1e-6)
     assert isinstance(images, streaming.LazyImages)
     with pytest.raises(data.DatasetError, match="data.stream"):
-        data.load_dataset(data.DataConfig(name="folder", path=str(tmp_path), stream="maybe"))
+        data.load_dataset(DataConfig(name="folder", path=str(tmp_path), stream="maybe"))
 
 
 def test_streamed_tfds_equals_loaded_tfds():
     cfg = dict(name="tfds:celeb_a", image_size=16, crop=140, num_channels=3)
     with tfds.testing.mock_data(num_examples=5):
-        eager, _ = data.load_dataset(data.DataConfig(**cfg, stream="never"))
-        lazy, _ = data.load_dataset(data.DataConfig(**cfg, stream="always"))
+        eager, _ = data.load_dataset(DataConfig(**cfg, stream="never"))
+        lazy, _ = data.load_dataset(DataConfig(**cfg, stream="always"))
         assert isinstance(lazy, streaming.LazyImages)
         np.testing.assert_array_equal(lazy[np.array([4, 0, 2])], eager[[4, 0, 2]])
 
@@ -79,8 +80,8 @@ def test_streamed_tfds_equals_loaded_tfds():
 def test_streamed_tfds_keeps_its_labels():
     cfg = dict(name="tfds:cifar10", image_size=8, num_channels=3)
     with tfds.testing.mock_data(num_examples=6):
-        eager, labels = data.load_dataset(data.DataConfig(**cfg, stream="never"))
-        lazy, lazy_labels = data.load_dataset(data.DataConfig(**cfg, stream="always"))
+        eager, labels = data.load_dataset(DataConfig(**cfg, stream="never"))
+        lazy, lazy_labels = data.load_dataset(DataConfig(**cfg, stream="always"))
         idx = np.array([5, 1, 3])
         np.testing.assert_array_equal(lazy_labels[idx], labels[idx])
         a = data.Batcher(eager, 4, seed=0, labels=labels).batch(1)

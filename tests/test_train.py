@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cm import checkpoints, consistency, data, nets, sample_run, train, train_step, workdir
+from cm import config as config_lib
+from cm import data, nets, objectives, sample_run, train, train_step
+from cm import optim as optim_lib
 from cm import setup as setup_lib
+from cm.objectives import consistency
+from cm.runtime import checkpoints, distributed, workdir
+from cm.runtime.views import CMConfig
 from cm.setup import Setup
 from tests.helpers import QUICKSTART_NET, tiny_config
 
@@ -43,7 +48,7 @@ def test_transfer_guard_catches_an_implicit_copy_in_the_loop(tmp_path, monkeypat
         del mesh, kwargs
         return dict(batch)
 
-    monkeypatch.setattr(train_step, "shard_batch", leaky)
+    monkeypatch.setattr(distributed, "shard_batch", leaky)
     config = tiny_config(**{"training.transfer_guard": "disallow"})
     with pytest.raises(Exception, match="Disallowed host-to-device"):
         train.train(config, str(tmp_path / "guarded"))
@@ -51,7 +56,7 @@ def test_transfer_guard_catches_an_implicit_copy_in_the_loop(tmp_path, monkeypat
     assert train.train(config, str(tmp_path / "allowed"))["step"] == 6
     config.training.transfer_guard = "forbid"
     with pytest.raises(ValueError, match="transfer_guard"):
-        train.validate(config)
+        config_lib.for_training(config)
 
 
 def test_train_writes_checkpoints_grids_and_metrics(uninterrupted):
@@ -92,7 +97,7 @@ def test_sample_mode_writes_npz_and_grid(uninterrupted):
 
     def draw(ts, step=-1):
         config.sample.ts, config.sample.step = ts, step
-        path = sample_run.sample_from_workdir(run_dir, config)
+        path = sample_run.sample(config, run_dir)
         assert os.path.exists(path.replace(".npz", ".png"))
         with np.load(path) as f:
             return f["images"], int(f["step"]), os.path.basename(path)
@@ -174,26 +179,28 @@ def test_eight_devices_match_one_device(loss):
     config = tiny_config(**{"cm.loss": loss, "optim.optimizer": "radam", "optim.warmup": 0,
                             "optim.lr": 2e-3, "optim.grad_clip": 15.0})
     config.cm.start_scales, config.cm.end_scales = 10, 40
-    cm_cfg = consistency.CMConfig.from_config(config)
+    cm_cfg = CMConfig.from_config(config)
     module = nets.build_model(config)
     apply_fn = nets.make_apply_fn(module)
-    tx = train_step.make_optimizer(config.optim)
+    tx = optim_lib.make_optimizer(config.optim)
     params = nets.init_params(module, jax.random.PRNGKey(0), config)
     images = data.load_digits(8)
     batcher = data.Batcher(images, 16, seed=0, random_flip=False)
     n_steps = 4
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = train_step.make_mesh(devices)
-        state = train_step.init_state(jax.tree.map(np.array, params), tx, loss, 1)
+        mesh = distributed.make_mesh(devices)
+        state = train_step.init_state(jax.tree.map(np.array, params), tx,
+                                      objectives.get(loss).keeps_target, 1)
         state = jax.device_put(
             state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         )
-        step = train_step.make_train_step(apply_fn, cm_cfg, tx, (0.99,), mesh)
+        step = train_step.make_train_step(apply_fn, cm_cfg, objectives.get(loss), tx, (0.99,),
+                                          mesh)
         frozen = {"step_key": jax.random.PRNGKey(1)}
         rows = []
         for k in range(n_steps):
-            state, metrics = step(state, train_step.shard_batch(batcher.batch(k), mesh), frozen)
+            state, metrics = step(state, distributed.shard_batch(batcher.batch(k), mesh), frozen)
             rows.append((float(metrics["loss"]), float(metrics["grad_norm"])))
         results.append((jax.device_get(state.params), np.array(rows)))
     (p1, rows1), (p8, rows8) = results
@@ -222,19 +229,19 @@ def test_the_seed_is_an_argument_of_the_programs_not_a_constant():
         texts.append(init.lower(setup.init_key).as_text())
         state = setup.init_state()
         params.append(jax.device_get(state.params))
-        frozen, _ = setup_lib.frozen_inputs(setup.config, setup)
-        step = train_step.make_train_step(setup.apply_fn, setup.cm, setup.tx, (0.99,),
-                                          setup.mesh)
-        sharded = train_step.shard_batch(batch, setup.mesh)
+        frozen, _ = setup_lib.frozen_inputs(setup)
+        step = train_step.make_train_step(setup.apply_fn, setup.cm, setup.objective, setup.tx,
+                                          (0.99,), setup.mesh)
+        sharded = distributed.shard_batch(batch, setup.mesh)
         texts.append(step.lower(state, sharded, frozen).as_text())
         losses.append(float(step(state, sharded, frozen)[1]["loss"]))
     assert texts[0] == texts[2] and texts[1] == texts[3]  # init, step: one program each
     assert losses[0] != losses[1]
     # The same state and batch with the other seed's step key: another loss (other levels
     # and per-example noise keys), so the key is not just carried along.
-    frozen1, _ = setup_lib.frozen_inputs(setups[1].config, setups[1])
+    frozen1, _ = setup_lib.frozen_inputs(setups[1])
     state0 = setups[0].init_state()
-    sharded = train_step.shard_batch(batch, setups[0].mesh)
+    sharded = distributed.shard_batch(batch, setups[0].mesh)
     assert float(step(state0, sharded, frozen1)[1]["loss"]) != losses[0]
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(params[0]),
                                               jax.tree.leaves(params[1]), strict=True))
@@ -242,8 +249,9 @@ def test_the_seed_is_an_argument_of_the_programs_not_a_constant():
 
 def test_grid_sampler_is_built_once_per_times():
     setup = Setup(tiny_config())
-    assert setup.sampler((80.0,)) is setup.sampler([80])
-    assert setup.sampler((80.0, 0.821)) is not setup.sampler((80.0,))
+    at = consistency.at_times
+    assert setup.sampler(at((80.0,))) is setup.sampler(at([80]))
+    assert setup.sampler(at((80.0, 0.821))) is not setup.sampler(at((80.0,)))
 
 
 def test_saved_config_from_an_older_version_gets_new_fields(tmp_path):
@@ -286,7 +294,7 @@ def test_several_steps_per_call_match_one_step_per_call(uninterrupted, tmp_path)
                zip(jax.tree.leaves(moved), jax.tree.leaves(jax.device_get(start)), strict=True))
     config.training.log_every = 2
     with pytest.raises(ValueError, match="multiple of 3"):
-        train.validate(config)
+        config_lib.for_training(config)
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
@@ -295,7 +303,7 @@ def test_learning_rate_warmup_then_decay_matches_the_formula(decay):
     lr * (f + (1 - f) * d(t)) with d = (1 + cos(pi t)) / 2 or 1 - t, t = (step - W) / (T - W)."""
     optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup": 100, "decay": decay,
                                        "final_lr": 0.1})
-    sched = train_step.learning_rate(optim, total_steps=800)
+    sched = optim_lib.learning_rate(optim, total_steps=800)
     steps = np.array([0, 50, 100, 101, 300, 450, 799, 800, 900])
     t = np.clip((steps - 100) / 700, 0, 1)
     d = (1 + np.cos(np.pi * t)) / 2 if decay == "cosine" else 1 - t
@@ -308,11 +316,11 @@ def test_learning_rate_warmup_then_decay_matches_the_formula(decay):
 def test_learning_rate_constant_and_bad_settings():
     optim = ml_collections.ConfigDict({"lr": 1e-3, "warmup": 0, "decay": "none",
                                        "final_lr": 0.0})
-    assert train_step.learning_rate(optim, 800) == 1e-3
+    assert optim_lib.learning_rate(optim, 800) == 1e-3
     optim.decay = "cosine"
-    assert float(train_step.learning_rate(optim, 800)(400)) == pytest.approx(5e-4)
+    assert float(optim_lib.learning_rate(optim, 800)(400)) == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="more training steps"):
-        train_step.learning_rate(optim, 0)
+        optim_lib.learning_rate(optim, 0)
     optim.decay = "step"
     with pytest.raises(ValueError, match="optim.decay must be one of"):
-        train_step.learning_rate(optim, 800)
+        optim_lib.learning_rate(optim, 800)

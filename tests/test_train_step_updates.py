@@ -16,7 +16,8 @@ import numpy as np
 import optax
 import pytest
 
-from cm import consistency, train_step
+from cm import objectives, optim, train_step
+from cm.runtime.views import CMConfig
 
 
 def ct_n(k, K, s0, s1):
@@ -37,7 +38,7 @@ def test_target_and_evaluation_emas_after_one_update(loss):
     K, s0, s1, mu0 = 10, 2, 150, 0.9
     step = 3  # N(3) = 83, N(4) = 96: an off-by-one step in mu(k) is visible
     assert ct_n(step, K, s0, s1) != ct_n(step + 1, K, s0, s1)
-    cfg = consistency.CMConfig(loss=loss, total_steps=K, start_scales=s0, end_scales=s1,
+    cfg = CMConfig(loss=loss, total_steps=K, start_scales=s0, end_scales=s1,
                                start_ema=mu0)
     rng = np.random.default_rng(0)
     params, target, grads = _tree(rng), _tree(rng), _tree(rng)
@@ -50,7 +51,7 @@ def test_target_and_evaluation_emas_after_one_update(loss):
         step=jnp.int32(step), params=to_j(params),
         target_params=to_j(target) if loss != "ict" else None,
         ema_params=tuple(to_j(e) for e in emas), opt_state=tx.init(to_j(params)))
-    new, mu = train_step.apply_updates(state, to_j(grads), tx, cfg, rates)
+    new, mu = train_step.apply_updates(state, to_j(grads), tx, cfg, objectives.get(cfg.loss), rates)
 
     want_mu = {"ct": ct_mu(step, K, s0, s1, mu0), "cd": mu0, "ict": 0.0}[loss]
     assert 0.0 < want_mu < 1.0 or loss == "ict"
@@ -108,7 +109,7 @@ def test_grad_clip_acts_before_adam(clip):
     directions = [rng.normal(size=(6,)) for _ in range(3)]
     grads = [(n * d / np.linalg.norm(d)).astype(np.float32)
              for n, d in zip((50.0, 0.3, 4.0), directions, strict=True)]
-    tx = train_step.make_optimizer(_optim(grad_clip=clip))
+    tx = optim.make_optimizer(_optim(grad_clip=clip))
     params = jnp.zeros((6,), jnp.float32)
     opt_state = tx.init(params)
     got = []

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from cm import data, train
+from cm import config as config_lib
+from cm import data
+from cm.config import ConfigError
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,10 +47,10 @@ def test_config_errors_are_one_line_with_exit_2_and_create_nothing(tmp_path, ove
 
 
 def test_config_errors_in_process_are_config_errors():
-    with pytest.raises(train.ConfigError, match="multiple of"):
-        train.validate(tiny_config(**{"training.batch_size": 12}))
-    with pytest.raises(train.ConfigError, match="assignment.k"):
-        train.validate(tiny_config(**{"assignment.k": 0}))
+    with pytest.raises(ConfigError, match="multiple of"):
+        config_lib.for_training(tiny_config(**{"training.batch_size": 12}))
+    with pytest.raises(ConfigError, match="assignment.k"):
+        config_lib.for_training(tiny_config(**{"assignment.k": 0}))
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):

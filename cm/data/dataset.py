@@ -1,17 +1,15 @@
-"""The configured dataset: `DataConfig` (the `data` section) and the loader per `data.name`.
+"""The configured dataset: the loader per `data.name` (the `data` section's view is
+`cm.runtime.views.DataConfig`).
 
 Every dataset becomes uint8 images `[N, H, W, C]` (an array in host memory, or a
 streamed array-like for folders and TFDS datasets too large for it) and int32 labels
 `[N]` or None.
 """
 
-import dataclasses
 from collections.abc import Callable
 
-import ml_collections
 import numpy as np
 
-from cm.config_view import view
 from cm.data import idx, image_folder, streaming
 from cm.data.sources import (
     DatasetError,
@@ -22,33 +20,15 @@ from cm.data.sources import (
     load_tfds_with_labels,
     prepare,
 )
+from cm.runtime.views import DataConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    name: str = "cifar10"
-    path: str = ""
-    data_dir: str = ""
-    split: str = "train"
-    image_size: int = 32
-    num_channels: int = 3
-    random_flip: bool = True
-    crop: int = 0  # center crop to crop x crop before resizing (0 = none)
-    stream: str = "auto"  # folder / tfds:<name>: auto | never | always decode on access
-    max_memory_gb: float = 16.0  # "auto" streams datasets larger than this, decoded
-    value_range: str = ""  # npz images that are not uint8: their range (cm.data.pixels)
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> "DataConfig":
-        return view(cls, config.data)
-
-
-def _load_folder(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+def _load_folder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return image_folder.load_folder(cfg.path, cfg.image_size, cfg.num_channels, cfg.stream,
                                     cfg.max_memory_gb)
 
 
-def load_digits_with_labels(cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray]:
+def load_digits_with_labels(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return load_digits(cfg.image_size), load_digits_labels()
 
 

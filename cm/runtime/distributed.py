@@ -1,4 +1,5 @@
-"""Multi-host start-up: `jax.distributed.initialize()` from flags or the cluster environment.
+"""Multi-host start-up (`jax.distributed.initialize()` from flags or the cluster
+environment), the ('data',) mesh, and moving arrays between hosts and the mesh.
 
 Call `initialize` before anything else touches JAX's devices. Explicit flags win;
 otherwise JAX's own detection (Slurm, Open MPI, Cloud TPU pods, `JAX_COORDINATOR_ADDRESS`)
@@ -15,6 +16,8 @@ import threading
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MODES = ("auto", "on", "off")
 EXIT_TIMEOUT = 3  # exit status of a start-up that timed out
@@ -215,3 +218,26 @@ def replicate(tree, sharding):
         return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
     return jax.tree.map(put, tree)
+
+
+def make_mesh(devices: list | None = None) -> Mesh:
+    """The 1-D ('data',) mesh over `devices` (default: every device of every process).
+
+    Devices are grouped by process (stable within a process), so that each process's
+    devices hold one contiguous block of the global batch: the rows its `Batcher`
+    slice and `shard_batch` put there.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    devices = sorted(devices, key=lambda d: d.process_index)
+    return Mesh(devices, ("data",))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Places this process's host batch onto the mesh, split along the batch axis.
+
+    With several processes, each passes its own `[B_host, ...]` rows; the result is
+    the global `[B_host * process_count, ...]` array, process p's rows at
+    `[p * B_host, (p + 1) * B_host)` (the mesh groups devices by process).
+    """
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,4 +1,4 @@
-"""Tests of assignment.Pipeline: order, errors, shutdown, wait statistics."""
+"""Tests of cm.data.Prefetcher: order, errors, shutdown, wait statistics."""
 
 import threading
 import time
@@ -7,8 +7,8 @@ import traceback
 import numpy as np
 import pytest
 
-import assignment
-from assignment import Options, make_batch_fn
+from cm.data import Prefetcher, PrefetchError
+from cm.pairing import Options, make_batch_fn
 
 
 def _batches(n, size=8, seed=0):
@@ -29,7 +29,7 @@ def test_keeps_order_and_steps():
         time.sleep(rng.uniform(0, 0.004))  # Uneven work must not reorder batches.
         return {**batch, "step": step}
 
-    with assignment.Pipeline(
+    with Prefetcher(
         _batches(30), slow_fn, prefetch=3, start_step=100, name="test-pipeline"
     ) as pipe:
         out = list(pipe)
@@ -41,10 +41,10 @@ def test_keeps_order_and_steps():
 def test_with_batch_fn_assigns_every_batch():
     fn = make_batch_fn(Options("linear", "device", 2))
     source = list(_batches(5))
-    with assignment.Pipeline(source, fn, name="test-pipeline") as pipe:
-        for want, got in zip(source, pipe, strict=True):
+    with Prefetcher(source, fn, name="test-pipeline") as pipe:
+        for want, (got, stats) in zip(source, pipe, strict=True):
             assert got["index"] == want["index"] and got["x"] is want["x"]
-            assert got["assignment/reduction"] > 0  # Paired, not passed through.
+            assert stats["reduction"] > 0  # Paired, not passed through.
             for shard in (slice(0, 4), slice(4, 8)):  # Within each shard, rows are only permuted.
                 assert {r.tobytes() for r in got["z"][shard]} == {
                     r.tobytes() for r in want["z"][shard]}
@@ -57,16 +57,16 @@ def failing_fn(batch, step):
 
 
 def test_surfaces_the_exception_with_its_traceback():
-    pipe = assignment.Pipeline(_batches(10), failing_fn, name="test-pipeline")
+    pipe = Prefetcher(_batches(10), failing_fn, name="test-pipeline")
     got = [next(pipe) for _ in range(3)]
     assert [b["index"] for b in got] == [0, 1, 2]
-    with pytest.raises(assignment.PipelineError, match="step 3") as info:
+    with pytest.raises(PrefetchError, match="step 3") as info:
         next(pipe)
     cause = info.value.__cause__
     assert isinstance(cause, ValueError) and str(cause) == "bad batch 3"
     frames = [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
     assert "failing_fn" in frames  # The original traceback, from the thread.
-    with pytest.raises(assignment.PipelineError):  # A failed pipeline stays failed.
+    with pytest.raises(PrefetchError):  # A failed pipeline stays failed.
         next(pipe)
     pipe.close()
     assert not pipe.alive
@@ -77,9 +77,9 @@ def test_source_errors_surface_too():
         yield {"x": 0}
         raise KeyError("missing shard")
 
-    with assignment.Pipeline(source(), name="test-pipeline") as pipe:
+    with Prefetcher(source(), name="test-pipeline") as pipe:
         assert next(pipe) == {"x": 0}
-        with pytest.raises(assignment.PipelineError) as info:
+        with pytest.raises(PrefetchError) as info:
             next(pipe)
         assert isinstance(info.value.__cause__, KeyError)
 
@@ -91,7 +91,7 @@ def test_close_stops_a_blocked_producer():
             yield {"i": i}
             i += 1
 
-    pipe = assignment.Pipeline(endless(), prefetch=2, name="test-pipeline")
+    pipe = Prefetcher(endless(), prefetch=2, name="test-pipeline")
     assert next(pipe) == {"i": 0}
     time.sleep(0.05)  # The producer fills the queue and blocks on put.
     pipe.close()
@@ -103,7 +103,7 @@ def test_close_stops_a_blocked_producer():
 
 def test_interrupt_inside_with_block_shuts_down():
     with pytest.raises(KeyboardInterrupt):
-        with assignment.Pipeline(_batches(1000), name="test-pipeline") as pipe:
+        with Prefetcher(_batches(1000), name="test-pipeline") as pipe:
             for batch in pipe:
                 if batch["index"] == 2:
                     raise KeyboardInterrupt
@@ -116,7 +116,7 @@ def test_wait_statistics():
         time.sleep(0.02)
         return batch
 
-    with assignment.Pipeline(_batches(8), slow, prefetch=1, name="test-pipeline") as pipe:
+    with Prefetcher(_batches(8), slow, prefetch=1, name="test-pipeline") as pipe:
         list(pipe)
         starved = pipe.stats()
     assert starved.batches == 8
@@ -124,7 +124,7 @@ def test_wait_statistics():
     assert starved.busy_seconds >= 8 * 0.02
     assert 0 <= starved.waited_seconds <= starved.wall_seconds
 
-    with assignment.Pipeline(_batches(6), prefetch=2, name="test-pipeline") as pipe:
+    with Prefetcher(_batches(6), prefetch=2, name="test-pipeline") as pipe:
         time.sleep(0.05)  # A slow consumer finds its input ready.
         pipe.stats()
         for _ in pipe:
@@ -135,7 +135,7 @@ def test_wait_statistics():
 
 def test_bad_prefetch():
     with pytest.raises(ValueError, match="prefetch"):
-        assignment.Pipeline([], prefetch=0)
+        Prefetcher([], prefetch=0)
 
 
 def test_no_thread_left_behind():

@@ -5,17 +5,16 @@ sigma_data^2 / (sigma^2 + sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2
 sigma_data^2), c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4; sigma
 ~ lognormal(P_mean, P_std); loss weight lambda = (sigma^2 + sigma_data^2) /
 (sigma sigma_data)^2. The noise `z` is an argument, so assignment pairs it with the
-images exactly as for consistency training.
+images exactly as for consistency training. Samplers: Heun (EDM's, `heun18` is 35
+network calls) and Euler (= DDIM) on the Karras times.
 """
-
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm import consistency
-
-PyTree = consistency.PyTree
+from cm.objectives.spec import ApplyFn, Objective, PyTree, Solver, SolverSampling
+from cm.runtime.views import CMConfig
 
 
 def scalings(sigma: jax.Array, sigma_data: float):
@@ -31,7 +30,7 @@ def loss_weight(sigma: jax.Array, sigma_data: float) -> jax.Array:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def denoise(apply_fn: consistency.ApplyFn, params: PyTree, x: jax.Array, sigma: jax.Array,
+def denoise(apply_fn: ApplyFn, params: PyTree, x: jax.Array, sigma: jax.Array,
             sigma_data: float, labels: jax.Array | None = None, train: bool = False,
             dropout_key: jax.Array | None = None) -> jax.Array:
     """D_theta(x, sigma) for x [B,H,W,C] and sigma [B]."""
@@ -47,14 +46,14 @@ def sample_sigmas(keys: jax.Array, p_mean: float, p_std: float) -> jax.Array:
     return jnp.exp(p_mean + p_std * n)
 
 
-def edm_loss(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, params: PyTree,
+def edm_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
              target_params: PyTree | None, x: jax.Array, z: jax.Array, step: jax.Array,
              example_keys: jax.Array, dropout_key: jax.Array,
              labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """EDM loss on one shard, mean over examples of lambda(sigma) * mean_pixels (D - x)^2.
 
-    Same signature as `consistency.consistency_loss` (`target_params` and `step` are
-    unused); `cfg.p_mean` / `cfg.p_std` give the lognormal sigma distribution.
+    The objective table's loss signature (`target_params` and `step` are unused);
+    `cfg.p_mean` / `cfg.p_std` give the lognormal sigma distribution.
     """
     del target_params, step
     sigma = sample_sigmas(example_keys, cfg.p_mean, cfg.p_std)  # [B]
@@ -73,7 +72,7 @@ def karras_steps(n: int, sigma_min: float, sigma_max: float, rho: float) -> np.n
     return np.append(t, 0.0)
 
 
-def heun_step(apply_fn: consistency.ApplyFn, params: PyTree, x: jax.Array, t: jax.Array,
+def heun_step(apply_fn: ApplyFn, params: PyTree, x: jax.Array, t: jax.Array,
               t_next: jax.Array, sigma_data: float, labels: jax.Array | None = None,
               ) -> jax.Array:
     """One Heun step of the probability-flow ODE from times `t` to `t_next` > 0, both [B]."""
@@ -84,7 +83,7 @@ def heun_step(apply_fn: consistency.ApplyFn, params: PyTree, x: jax.Array, t: ja
     return x + b(t_next - t) * 0.5 * (d + d_next)
 
 
-def ode_sample(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CMConfig,
+def ode_sample(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
                key: jax.Array, shape: tuple[int, ...], steps: int, solver: str = "heun",
                labels: jax.Array | None = None) -> jax.Array:
     """Deterministic probability-flow ODE sampling (EDM Algorithm 1 without churn).
@@ -119,3 +118,31 @@ def ode_sample(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.C
     else:
         x = jax.lax.fori_loop(0, steps, euler, x)
     return jnp.clip(x, -1.0, 1.0)
+
+
+def _karras(cfg: CMConfig, steps: int, options) -> np.ndarray:
+    return karras_steps(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+
+
+def _ode(solver: str):
+    def sample(apply_fn, params, cfg, key, shape, labels, steps, options):
+        return ode_sample(apply_fn, params, cfg, key, shape, steps, solver, labels)
+
+    return sample
+
+
+SAMPLING = SolverSampling(
+    {"heun": Solver(lambda s: 2 * s - 1, _karras, _ode("heun")),  # last step Euler
+     "euler": Solver(lambda s: s, _karras, _ode("euler"))},
+    default_solver="heun", default_steps=18, kind="ODE solvers",
+    examples='"heun18","euler50"', config_file="configs/cifar10_edm.py")
+
+OBJECTIVE = Objective(
+    name="edm",
+    summary="EDM diffusion: preconditioned denoiser, lognormal sigma, EDM weighting",
+    loss=edm_loss,
+    sampling=SAMPLING,
+    reads=("sigma_min", "sigma_max", "rho", "sigma_data", "p_mean", "p_std"),
+    meaning_fields=("sigma_data",),
+    objective_fields=("p_mean", "p_std"),
+)

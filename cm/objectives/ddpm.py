@@ -5,7 +5,8 @@ Discrete timesteps t = 0..T-1 (the papers' 1..T), `alpha_bar_t = prod_{s<=t} (1 
 (x_t, t), with t the integer timestep fed to its sinusoidal embedding as is. The loss is
 the simple MSE on eps with t uniform, and eps is the noise `z` given as an argument: the
 assignment stage pairs it with the images before the step, exactly as for consistency
-training.
+training. Samplers: DDIM `ddimS` (eta, uniform or quadratic timesteps) and ancestral
+`ddpmS`.
 """
 
 import dataclasses
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm import consistency
+from cm.objectives.spec import ApplyFn, Objective, PyTree, Solver, SolverSampling
+from cm.runtime.views import CMConfig, ConfigError
 
-PyTree = consistency.PyTree
 BETA_SCHEDULES = ("linear", "cosine")
 SKIPS = ("uniform", "quadratic")  # DDIM's sub-sequences of timesteps
 COSINE_OFFSET = 0.008  # s of Nichol & Dhariwal (2021), eq. 17
@@ -97,22 +98,22 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4,
     raise ValueError(f"cm.beta_schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
 
 
-def schedule_of(cfg: consistency.CMConfig) -> Schedule:
+def schedule_of(cfg: CMConfig) -> Schedule:
     """The schedule of `cm.num_timesteps`, `cm.beta_schedule`, `cm.beta_start`, `cm.beta_end`."""
     return Schedule(make_betas(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_start,
                                cfg.beta_end))
 
 
-def ddpm_loss(apply_fn: consistency.ApplyFn, cfg: consistency.CMConfig, params: PyTree,
+def ddpm_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
               target_params: PyTree | None, x: jax.Array, z: jax.Array, step: jax.Array,
               example_keys: jax.Array, dropout_key: jax.Array,
               labels: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """DDPM's simple loss on one shard: mean over examples of mean_pixels (eps_theta - z)^2.
 
-    Same signature as `consistency.consistency_loss` (`target_params` and `step` are
-    unused). One t uniform in 0..T-1 per example, drawn from its key in `example_keys`
-    (so the draw does not depend on how the batch is split over devices); `z` `[B,H,W,C]`
-    is eps, as paired with the images `x` by the assignment stage.
+    The objective table's loss signature (`target_params` and `step` are unused). One
+    t uniform in 0..T-1 per example, drawn from its key in `example_keys` (so the draw does
+    not depend on how the batch is split over devices); `z` `[B,H,W,C]` is eps, as paired
+    with the images `x` by the assignment stage.
     """
     del target_params, step
     ab = schedule_of(cfg).alphas_cumprod
@@ -164,7 +165,7 @@ def _descending(*rows: np.ndarray) -> jax.Array:
     return jnp.asarray(np.stack(rows)[:, ::-1], jnp.float32)
 
 
-def ddim_loop(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CMConfig,
+def ddim_loop(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
               x: jax.Array, key: jax.Array, steps: int, eta: float = 0.0,
               skip: str = "uniform", labels: jax.Array | None = None,
               clip_denoised: bool = True) -> jax.Array:
@@ -199,7 +200,7 @@ def ddim_loop(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CM
     return jax.lax.fori_loop(0, steps, body, x)
 
 
-def ancestral_loop(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CMConfig,
+def ancestral_loop(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
                    x: jax.Array, key: jax.Array, steps: int, skip: str = "uniform",
                    labels: jax.Array | None = None, clip_denoised: bool = True) -> jax.Array:
     """DDPM ancestral sampling (Ho et al., Algorithm 2) from x = x_{tau_S} down to x_0.
@@ -227,7 +228,7 @@ def ancestral_loop(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consisten
     return jax.lax.fori_loop(0, steps, body, x)
 
 
-def ddim_sample(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.CMConfig,
+def ddim_sample(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
                 key: jax.Array, shape: tuple[int, ...], steps: int, eta: float = 0.0,
                 skip: str = "uniform", labels: jax.Array | None = None) -> jax.Array:
     """`shape[0]` DDIM samples in [-1, 1] from x_T ~ N(0, I) (jittable)."""
@@ -237,8 +238,8 @@ def ddim_sample(apply_fn: consistency.ApplyFn, params: PyTree, cfg: consistency.
     return jnp.clip(x, -1.0, 1.0)
 
 
-def ancestral_sample(apply_fn: consistency.ApplyFn, params: PyTree,
-                     cfg: consistency.CMConfig, key: jax.Array, shape: tuple[int, ...],
+def ancestral_sample(apply_fn: ApplyFn, params: PyTree,
+                     cfg: CMConfig, key: jax.Array, shape: tuple[int, ...],
                      steps: int, skip: str = "uniform", labels: jax.Array | None = None,
                      ) -> jax.Array:
     """`shape[0]` DDPM ancestral samples in [-1, 1] from x_T ~ N(0, I) (jittable)."""
@@ -246,3 +247,56 @@ def ancestral_sample(apply_fn: consistency.ApplyFn, params: PyTree,
     x = ancestral_loop(apply_fn, params, cfg, jax.random.normal(x_key, shape), key, steps,
                        skip, labels)
     return jnp.clip(x, -1.0, 1.0)
+
+
+def _timesteps(cfg: CMConfig, steps: int, options) -> np.ndarray:
+    return timesteps(cfg.num_timesteps, steps, options.skip)[::-1].astype(np.float64)
+
+
+def _check(cfg: CMConfig, steps: int, options) -> None:
+    schedule_of(cfg)  # raises on a bad schedule
+    timesteps(cfg.num_timesteps, steps, options.skip)  # steps <= T, skip known
+    if not 0.0 <= options.eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {options.eta}")
+
+
+def _ddim(apply_fn, params, cfg, key, shape, labels, steps, options):
+    return ddim_sample(apply_fn, params, cfg, key, shape, steps, options.eta, options.skip,
+                       labels)
+
+
+def _ancestral(apply_fn, params, cfg, key, shape, labels, steps, options):
+    return ancestral_sample(apply_fn, params, cfg, key, shape, steps, options.skip, labels)
+
+
+def _tag(name: str, steps: int, options) -> str:
+    tag = f"{name}{steps}"
+    if name == "ddim" and options.eta:
+        tag += f"_eta{options.eta:g}"
+    return tag + (f"_{options.skip}" if options.skip != "uniform" else "")
+
+
+SAMPLING = SolverSampling(
+    {"ddim": Solver(lambda s: s, _timesteps, _ddim, _check, reads_eta=True, tag=_tag),
+     "ddpm": Solver(lambda s: s, _timesteps, _ancestral, _check, tag=_tag)},
+    default_solver="ddim", default_steps=50, kind="DDIM or ancestral samplers",
+    examples='"ddim50","ddpm1000"', config_file="configs/cifar10_ddpm.py",
+    max_steps=lambda cfg: cfg.num_timesteps)
+
+
+def _check_schedule(cfg: CMConfig) -> None:
+    try:
+        schedule_of(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+OBJECTIVE = Objective(
+    name="ddpm",
+    summary="DDPM: eps prediction on T discrete timesteps, simple MSE loss",
+    loss=ddpm_loss,
+    sampling=SAMPLING,
+    reads=("num_timesteps", "beta_schedule", "beta_start", "beta_end"),
+    meaning_fields=("num_timesteps", "beta_schedule", "beta_start", "beta_end"),
+    check=_check_schedule,
+)

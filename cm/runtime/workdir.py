@@ -9,48 +9,16 @@ objective fails before anything is written.
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
-# Fields that decide the shapes of the saved state: a change means the checkpoints
-# cannot be restored into the new run.
-SHAPE_FIELDS = ("model", "data.image_size", "data.num_channels", "cm.loss",
-                "training.ema_rates", "optim.optimizer", "optim.grad_clip",
-                "optim.weight_decay")
-# `cm` fields that decide what the saved parameters compute (the consistency function's
-# boundary scalings, EDM's preconditioning, the DDPM noise level of each timestep), by the
-# saved run's cm.loss. A change would misread the checkpoints: refused for training and
-# for sampling.
-MEANING_FIELDS = {"ct": ("sigma_min", "sigma_data"), "ict": ("sigma_min", "sigma_data"),
-                  "cd": ("sigma_min", "sigma_data"), "edm": ("sigma_data",),
-                  "ddpm": ("num_timesteps", "beta_schedule", "beta_start", "beta_end")}
-# `cm` fields that define the training objective, by the saved cm.loss: a change on resume
-# would silently train the same checkpoints towards another objective (e.g. the CIFAR-10
-# configs' switch to LPIPS, or another curriculum or noise distribution).
-OBJECTIVE_FIELDS = {
-    "ct": ("metric", "sigma_max", "rho", "start_scales", "end_scales", "start_ema"),
-    "ict": ("metric", "sigma_max", "rho", "start_scales", "end_scales", "p_mean", "p_std"),
-    "cd": ("metric", "sigma_max", "rho", "end_scales", "start_ema"),
-    "edm": ("p_mean", "p_std"),
-    "ddpm": (),
-}
-METRIC_FIELDS = {"pseudo_huber": ("huber_c",), "lpips": ("lpips_pool", "lpips_resize")}
+from configs import base
 
-
-def guarded_fields(saved: dict, training: bool = True) -> tuple[str, ...]:
-    """The flattened fields a new config must share with the saved run `saved`.
-
-    The shape fields, and the `cm` fields that the saved run's loss reads: those that
-    decide what its parameters compute, and, when `training`, those of its objective.
-    """
-    flat = _flatten(saved)
-    loss, metric = flat.get("cm.loss", "ct"), flat.get("cm.metric", "pseudo_huber")
-    cm_fields = MEANING_FIELDS.get(loss, ())
-    if training:
-        cm_fields += OBJECTIVE_FIELDS.get(loss, ())
-        if loss in ("ct", "ict", "cd"):  # EDM's and DDPM's losses are l2 whatever the metric
-            cm_fields += METRIC_FIELDS.get(metric, ())
-    return SHAPE_FIELDS + tuple(f"cm.{f}" for f in cm_fields)
+# guarded(saved config dict, training) -> the flattened fields a relaunch must keep
+# (`cm.objectives.guarded_fields`: the state's shapes and what the objective says).
+GuardedFn = Callable[[dict, bool], tuple[str, ...]]
 
 
 class IncompatibleWorkdirError(ValueError):
@@ -93,8 +61,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_to_dict(config: ml_collections.ConfigDict) -> dict:
-    return json.loads(config.to_json_best_effort())
+def config_to_dict(config: Any) -> dict:
+    """A config (a `ConfigDict`, or `cm.config.Config` with its resolved values) as a
+    JSON-ready dict of sections."""
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config.to_dict()))
 
 
 def config_path(workdir: str) -> str:
@@ -142,20 +114,18 @@ def saved_dict(workdir: str) -> dict | None:
         return None
     with open(path) as f:
         saved = json.load(f)
-    from configs import base
-
     merged = config_to_dict(base.get_config())
     _merge(merged, saved)
     return merged
 
 
-def check_compatible(workdir: str, config: ml_collections.ConfigDict,
+def check_compatible(workdir: str, config: Any, guarded: GuardedFn,
                      training: bool = True) -> list[str]:
     """Raises if `workdir` holds a run that `config` would misread or train differently.
 
-    Refused: another state shape, another meaning of the saved parameters (e.g.
-    cm.sigma_data, the DDPM beta schedule) and, when `training`, another objective (e.g.
-    cm.metric, the curriculum). See `guarded_fields`.
+    Refused: a change of the fields `guarded(saved, training)` names: another state
+    shape, another meaning of the saved parameters (e.g. cm.sigma_data, the DDPM beta
+    schedule) and, when `training`, another objective (e.g. cm.metric, the curriculum).
 
     Returns:
       The other fields that differ from the saved config (logged by the caller).
@@ -164,7 +134,7 @@ def check_compatible(workdir: str, config: ml_collections.ConfigDict,
     if old is None:
         return []
     new = config_to_dict(config)
-    bad = diff(old, new, guarded_fields(old, training))
+    bad = diff(old, new, guarded(old, training))
     if bad:
         fo, fn = _flatten(old), _flatten(new)
         lines = [f"  {k}: saved {fo.get(k, '<missing>')!r}, now {fn.get(k, '<missing>')!r}"
@@ -183,8 +153,7 @@ def changes(old: dict, new: dict) -> dict[str, list]:
     return {k: [fo.get(k), fn.get(k)] for k in diff(old, new)}
 
 
-def record_changes(workdir: str, step: int, saved: dict, config: ml_collections.ConfigDict,
-                   ) -> None:
+def record_changes(workdir: str, step: int, saved: dict, config: Any) -> None:
     """Appends the fields a relaunch changed, and the step it resumed at, to
     `config_changes.jsonl` (config.json then holds the new values)."""
     line = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -193,7 +162,7 @@ def record_changes(workdir: str, step: int, saved: dict, config: ml_collections.
         f.write(json.dumps(line) + "\n")
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str, config: Any) -> None:
     os.makedirs(workdir, exist_ok=True)
     tmp = config_path(workdir) + ".tmp"
     with open(tmp, "w") as f:

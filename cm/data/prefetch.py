@@ -1,9 +1,9 @@
-"""A background-thread pipeline stage that prepares batches ahead of the consumer.
+"""A generic prefetcher: a background thread that prepares items ahead of the consumer.
 
-`Pipeline(batches, fn, prefetch=2)` pulls batches from an iterator, applies
-`fn(batch, step)` (the assignment) in a daemon thread and queues up to `prefetch`
-results ahead, in order. The training step then overlaps with the assignment of
-the next batches, and `stats()` tells how long the consumer waited for input.
+`Prefetcher(items, fn, prefetch=2)` pulls items from an iterator, applies
+`fn(item, step)` (e.g. the noise pairing of `cm.pairing`) in a daemon thread and
+queues up to `prefetch` results ahead, in order. The training step then overlaps with
+the preparation of the next batches, and `stats()` tells how long the consumer waited.
 """
 
 import dataclasses
@@ -17,13 +17,13 @@ Batch = Mapping[str, Any]
 _POLL_SECONDS = 0.05  # How often blocked puts and gets look at the stop event.
 
 
-class PipelineError(RuntimeError):
-    """A batch failed inside the pipeline thread; `__cause__` is the original error."""
+class PrefetchError(RuntimeError):
+    """A batch failed inside the prefetch thread; `__cause__` is the original error."""
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineStats:
-    """Counters of one window (since the previous `Pipeline.stats` call).
+class PrefetchStats:
+    """Counters of one window (since the previous `Prefetcher.stats` call).
 
     Attributes:
         waited_seconds: time the consumer spent blocked in `next()`.
@@ -70,8 +70,8 @@ def _work(
     out: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    # A plain function (no reference to the Pipeline), so that an abandoned
-    # Pipeline can still be garbage collected and stop its thread.
+    # A plain function (no reference to the Prefetcher), so that an abandoned
+    # Prefetcher can still be garbage collected and stop its thread.
     try:
         while not stop.is_set():
             start = time.perf_counter()
@@ -89,28 +89,28 @@ def _work(
         _put(out, stop, _Failure(step, error))
 
 
-class Pipeline(Iterator[dict[str, Any]]):
+class Prefetcher(Iterator[dict[str, Any]]):
     """Runs `fn(batch, step)` on the batches of `source` in a background thread.
 
     Order is kept, at most `prefetch` results wait in the queue. An exception raised
     by the source or by `fn` is raised in the consumer by its next `next()`, as a
-    `PipelineError` whose cause is the original exception (with its traceback); the
-    pipeline is then closed. `close()` (or leaving a `with` block, also on Ctrl-C)
+    `PrefetchError` whose cause is the original exception (with its traceback); the
+    prefetcher is then closed. `close()` (or leaving a `with` block, also on Ctrl-C)
     stops the daemon thread; every blocking call polls a stop event, so nothing
     deadlocks.
 
     Args:
         source: iterable of batches (dicts).
-        fn: per-batch function `fn(batch, step) -> batch`, e.g. from
-            `make_batch_fn`; None passes batches through (prefetch only).
+        fn: per-item function `fn(item, step) -> result` (e.g. `cm.pairing`'s
+            pairing and placement); None passes items through (prefetch only).
         prefetch: results queued ahead of the consumer, at least 1.
         start_step: step number of the first batch (the resume step).
         name: the thread's name.
 
     Example:
-        >>> from assignment import Pipeline
+        >>> from cm.data.prefetch import Prefetcher
         >>> batches = ({"x": i} for i in range(3))
-        >>> with Pipeline(batches, lambda b, step: {**b, "step": step}) as pipe:
+        >>> with Prefetcher(batches, lambda b, step: {**b, "step": step}) as pipe:
         ...     print([b["step"] for b in pipe])
         [0, 1, 2]
     """
@@ -122,13 +122,13 @@ class Pipeline(Iterator[dict[str, Any]]):
         *,
         prefetch: int = 2,
         start_step: int = 0,
-        name: str = "assignment-pipeline",
+        name: str = "prefetch",
     ):
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._error: PipelineError | None = None
+        self._error: PrefetchError | None = None
         self._done = False
         self._window_start = time.perf_counter()
         self._waited = 0.0
@@ -142,7 +142,7 @@ class Pipeline(Iterator[dict[str, Any]]):
         )
         self._thread.start()
 
-    def __iter__(self) -> "Pipeline":
+    def __iter__(self) -> "Prefetcher":
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -160,8 +160,8 @@ class Pipeline(Iterator[dict[str, Any]]):
             self.close()
             raise StopIteration
         if isinstance(item, _Failure):
-            self._error = PipelineError(
-                f"the batch of step {item.step} failed in the pipeline thread: {item.error!r}"
+            self._error = PrefetchError(
+                f"the batch of step {item.step} failed in the prefetch thread: {item.error!r}"
             )
             self.close()
             raise self._error from item.error
@@ -179,12 +179,12 @@ class Pipeline(Iterator[dict[str, Any]]):
                     self._done = True
                     raise StopIteration from None
                 if not self._thread.is_alive() and self._queue.empty():
-                    raise PipelineError("the pipeline thread ended without a result") from None
+                    raise PrefetchError("the prefetch thread ended without a result") from None
 
-    def stats(self) -> PipelineStats:
+    def stats(self) -> PrefetchStats:
         """Counters since the previous call (or the start), and starts a new window."""
         now = time.perf_counter()
-        result = PipelineStats(
+        result = PrefetchStats(
             waited_seconds=self._waited,
             wall_seconds=now - self._window_start,
             batches=self._batches,
@@ -222,7 +222,7 @@ class Pipeline(Iterator[dict[str, Any]]):
             except queue.Empty:
                 return
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> "Prefetcher":
         return self
 
     def __exit__(self, *exc_info: object) -> None:

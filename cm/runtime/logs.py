@@ -131,3 +131,14 @@ class Meter:
         means = {k: sum(v) / len(v) for k, v in self._diagnostics.items()}
         self._start_step, self._start, self._diagnostics = step, now, {}
         return rates, means
+
+
+def log_startup(clock, seconds: float) -> None:
+    """The line that says what start-up cost, after the first step is done: `seconds`
+    since the start, and the compile time and persistent-cache hits of `clock`
+    (`compile_cache.CompileClock`)."""
+    c = clock.read()
+    logging.info("first step done %.1f s after start: compiling %.1f s (tracing %.1f s, "
+                 "lowering %.1f s), persistent cache %d hits / %d misses", seconds,
+                 c["compile_s"], c["trace_s"], c["lower_s"], c["cache_hits"],
+                 c["cache_misses"])
