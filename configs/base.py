@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
     # idx: a folder of IDX files (MNIST, EMNIST) or one images file; fashion_mnist: '' =
     # /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)
     data.path = ""
-    data.data_dir = ""  # tensorflow-datasets data dir ('' = tfds default)
+    # cifar10: the folder of the official archive ('' = ~/.cache/immiscible_cm/cifar10, then
+    # ~/tensorflow_datasets/downloads/manual); tfds:<name>: the TFDS data dir ('' = tfds default)
+    data.data_dir = ""
+    data.download = True  # cifar10: download cifar-10-python.tar.gz (170 MB) once if missing
     data.split = "train"  # idx / fashion_mnist: train | test
     data.image_size = 32  # idx / fashion_mnist: 32 pads 28 with background, others resize
     data.num_channels = 3

@@ -7,7 +7,9 @@ no workdirs, e.g. rows copied back from a cluster) and writes `<root>/report.md`
 `<root>/curves.png`. Lower metric values are better (FID, `fd_pixels`). The speed-up of
 an arm at a quality level is, as in the immiscible-diffusion paper, the number of steps
 vanilla needs to reach the level divided by the number the arm needs; steps to reach a
-level are read off each curve by linear interpolation between evaluated steps.
+level are read off each curve by linear interpolation between evaluated steps. A per-seed
+ratio is only a bound when a run is already at the level at its first evaluated step; such
+ratios are named and kept out of the per-seed mean, spread and geometric mean (`speedups`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ PLOT = "curves.png"
 VANILLA = "assignment.method=none"
 
 __all__ = ["Curve", "Health", "Reach", "arm_curves", "default_levels", "health",
-           "load_rows", "main", "mean_curve", "plot", "relaunches", "setting", "speedups",
-           "steps_to_reach", "table", "uneven_steps", "write_report"]
+           "load_rows", "main", "mean_curve", "plot", "ratio_summary", "relaunches",
+           "setting", "speedups", "steps_to_reach", "table", "uneven_steps", "write_report"]
 
 RISE = 0.5  # a run whose last value is more than 50% above its own best is unhealthy
 STALL = 2.0  # ... and one whose best stays above 2x the median best of its arm's other seeds
@@ -304,22 +306,52 @@ def default_levels(vanilla: Curve, max_levels: int = 6) -> list[tuple[float, flo
     return levels
 
 
+def _pair_bound(rv: Reach, ra: Reach) -> tuple[str, float | None] | None:
+    """The bound that a pair's ratio is, when both runs reach the level but one or both
+    only by their first evaluated step (see `speedups`); None for an exact ratio."""
+    assert rv.step is not None and ra.step is not None
+    if rv.censored and ra.censored:
+        return "?", None  # both steps are upper bounds: the ratio could be anything
+    if ra.censored:  # the arm's true step is at most ra.step: the ratio is at least ...
+        return "≥", rv.step / ra.step if ra.step else float("inf")
+    if rv.censored:  # vanilla's true step is at most rv.step: the ratio is at most ...
+        return "≤", rv.step / ra.step
+    return None
+
+
 def speedups(vanilla: dict[int, Curve], arm: dict[int, Curve], level: float) -> dict:
     """Speed-up of `arm` over `vanilla` at `level`, on seed means and per seed pair.
 
     Seeds are paired by their number (same seed = same initialisation and data order in
-    every arm); pairs where either side does not reach the level are counted, not given
-    a number.
+    every arm). A pair's ratio (vanilla's steps / the arm's) is exact only when both runs
+    cross the level between two evaluated steps. Otherwise:
+    - the arm is already at or below the level at its first evaluated step (its `Reach`
+      is censored: the true step is at most that step): the ratio is a lower bound,
+      '≥' (infinite when that step is 0);
+    - vanilla is: the ratio is an upper bound, '≤';
+    - both are: both steps are upper bounds and the ratio is unconstrained: '?', no
+      number;
+    - either run never reaches the level in its evaluated steps: the pair is counted in
+      'arm_missed' / 'vanilla_missed' and gets no number (its true step lies past the
+      last evaluated one, so the ratio is only bounded by where evaluation stopped).
+    Bounds and missed pairs are left out of the per-seed mean, spread and geometric mean
+    (`ratio_summary`); `_speedup_cell` names them. The seed-mean curves' ratio ('mean')
+    follows the same rule, marked by 'mean_vanilla' / 'mean_arm' being censored.
 
     Returns:
       {'mean_vanilla': Reach, 'mean_arm': Reach, 'mean': float | None (ratio of the
-      seed-mean curves' steps), 'pairs': {seed: float | None}, 'vanilla_missed': [seeds],
-      'arm_missed': [seeds], 'censored': bool (some ratio is a bound; see `Reach`)}.
+      seed-mean curves' steps), 'pairs': {seed: float | None} (the ratio of the two
+      reached steps, bounds included; None when a side misses the level or the arm is
+      there at step 0), 'exact': {seed: float} (the exact ratios), 'bounds': {seed:
+      (marker, value | None)} (the pairs whose ratio is a bound, see above),
+      'vanilla_missed': [seeds], 'arm_missed': [seeds], 'censored': bool (some ratio is a
+      bound)}.
     """
     mv, ma = steps_to_reach(mean_curve(vanilla, common=True)[0], level), steps_to_reach(
         mean_curve(arm, common=True)[0], level)
-    out: dict = {"mean_vanilla": mv, "mean_arm": ma, "pairs": {}, "vanilla_missed": [],
-                 "arm_missed": [], "censored": bool(mv.censored or ma.censored)}
+    out: dict = {"mean_vanilla": mv, "mean_arm": ma, "pairs": {}, "exact": {}, "bounds": {},
+                 "vanilla_missed": [], "arm_missed": [],
+                 "censored": bool(mv.censored or ma.censored)}
     out["mean"] = (mv.step / ma.step if mv.step is not None and ma.step
                    else None)
     for seed in sorted(set(vanilla) & set(arm)):
@@ -330,8 +362,40 @@ def speedups(vanilla: dict[int, Curve], arm: dict[int, Curve], level: float) -> 
             out["arm_missed"].append(seed)
         ok = rv.step is not None and ra.step
         out["pairs"][seed] = rv.step / ra.step if ok else None
-        out["censored"] |= bool(ok and (rv.censored or ra.censored))
+        if rv.step is None or ra.step is None:
+            continue
+        if (bound := _pair_bound(rv, ra)) is not None:
+            out["bounds"][seed] = bound
+            out["censored"] = True
+        else:
+            out["exact"][seed] = rv.step / ra.step
     return out
+
+
+def ratio_summary(sp: dict) -> dict:
+    """The per-seed ratios of a `speedups` result: the exact ones summarised, bounds apart.
+
+    Ratios average geometrically (2x and 0.5x are 1x on the whole, not 1.25x), so the
+    geometric mean exp(mean(log r)) stands beside the arithmetic one. Only exact ratios
+    enter either mean, the std and the range. A result without 'exact' / 'bounds' keys
+    (built by hand) counts every ratio in 'pairs' that is not None as exact.
+
+    Returns:
+      {'exact': {seed: ratio}, 'bounds': {seed: (marker, value | None)}, 'n_pairs': int
+      (paired seeds, whatever their ratio), 'mean', 'std' (ddof 1; 0.0 for one ratio),
+      'min', 'max', 'geomean': float, or None where no ratio is exact}.
+    """
+    bounds = dict(sp.get("bounds", {}))
+    exact = dict(sp["exact"]) if "exact" in sp else {
+        k: r for k, r in sp["pairs"].items() if r is not None and k not in bounds}
+    r = np.array(list(exact.values()), dtype=float)
+    have = r.size > 0
+    return {"exact": exact, "bounds": bounds, "n_pairs": len(sp["pairs"]),
+            "mean": float(np.mean(r)) if have else None,
+            "std": (float(np.std(r, ddof=1)) if r.size > 1 else 0.0) if have else None,
+            "min": float(np.min(r)) if have else None,
+            "max": float(np.max(r)) if have else None,
+            "geomean": float(np.exp(np.mean(np.log(r)))) if have else None}
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,7 +428,19 @@ def table(curves: dict[str, dict[int, Curve]]) -> str:
     return "\n".join(lines)
 
 
+def _bound_text(seed: int, bound: tuple[str, float | None]) -> str:
+    marker, value = bound
+    if value is None:
+        return f"seed {seed}: both there at their first evaluated step, no ratio"
+    if value == float("inf"):
+        return f"seed {seed} {marker} ∞ (the arm there at step 0)"
+    return f"seed {seed} {marker} {value:.2f}"
+
+
 def _speedup_cell(sp: dict) -> str:
+    """One cell of the speed-up table: the seed-mean curves' ratio, then the per-seed
+    exact ratios (mean ± std [min, max], k/n pairs; geometric mean), the bounds left out
+    of them and the seeds that miss the level (see `speedups` for the rule)."""
     if sp["mean_vanilla"].step is None:
         return "vanilla does not reach it"
     bound_v, bound_a = sp["mean_vanilla"].censored, sp["mean_arm"].censored
@@ -372,16 +448,24 @@ def _speedup_cell(sp: dict) -> str:
         head = "not reached"
     elif bound_v and bound_a:
         head = "both there at their first evaluated step"
+    elif sp["mean"] is None:  # the arm's seed mean is there at step 0
+        head = "≥ ∞× (the arm there at step 0)"
     else:  # a censored step is an upper bound of the true one
         head = ("≥ " if bound_a else "≤ " if bound_v else "") + f"{sp['mean']:.2f}×"
-    ratios = [r for r in sp["pairs"].values() if r is not None]
+    summ = ratio_summary(sp)
+    k, n, bounds = len(summ["exact"]), summ["n_pairs"], summ["bounds"]
     parts = []
-    if len(ratios) > 1:
-        parts.append(f"per seed {np.mean(ratios):.2f} ± {np.std(ratios, ddof=1):.2f} "
-                     f"[{min(ratios):.2f}, {max(ratios):.2f}], "
-                     f"{len(ratios)}/{len(sp['pairs'])} pairs")
-    elif ratios:
-        parts.append(f"per seed {ratios[0]:.2f}, 1/{len(sp['pairs'])} pairs")
+    if k > 1:
+        parts.append(f"per seed {summ['mean']:.2f} ± {summ['std']:.2f} "
+                     f"[{summ['min']:.2f}, {summ['max']:.2f}], {k}/{n} pairs")
+        parts.append(f"geometric mean {summ['geomean']:.2f}")
+    elif k:
+        parts.append(f"per seed {summ['mean']:.2f}, 1/{n} pairs")
+    elif bounds:
+        parts.append(f"per seed: no exact ratio, 0/{n} pairs")
+    if bounds:
+        parts.append((f"{len(bounds)} not exact, left out: " if k else "not exact: ")
+                     + ", ".join(_bound_text(s, b) for s, b in sorted(bounds.items())))
     if sp["arm_missed"]:
         parts.append(f"not reached by seed(s) {', '.join(map(str, sp['arm_missed']))}")
     if sp["vanilla_missed"]:
@@ -535,9 +619,13 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           "each read off a curve by linear interpolation between evaluated steps. The "
           "headline number uses the seed-mean curves; 'per seed' pairs runs of the same "
           "seed (same initialisation and data order) and gives mean ± std [min, max] of "
-          "those ratios. 'not reached': the arm never gets to the level in the evaluated "
-          "steps. '≥': the arm is already there at its first evaluated step, so the ratio "
-          "is a lower bound; '≤': vanilla is, so it is an upper bound."
+          "those ratios that are exact, how many pairs that is, and their geometric mean "
+          "(ratios average geometrically: 2× and 0.5× give 1×). 'not reached': the arm "
+          "never gets to the level in the evaluated steps. '≥': the arm is already there "
+          "at its first evaluated step, so the ratio is a lower bound; '≤': vanilla is, so "
+          "it is an upper bound; both: no ratio. Per-seed bounds are named and left out "
+          "of the per-seed mean, spread and geometric mean, as are seeds that miss the "
+          "level."
           + ("" if levels else " Levels: vanilla's running-best seed-mean value at its "
              "evaluated steps (the last is the best level vanilla reaches)."), ""]
     if not lv:

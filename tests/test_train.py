@@ -120,7 +120,7 @@ def test_train_on_mock_cifar10(tmp_path):
         **{
             **QUICKSTART_NET,
             "model.attn_resolutions": (16,),
-            "data.name": "cifar10",
+            "data.name": "tfds:cifar10",
             "data.image_size": 32,
             "data.num_channels": 3,
             "data.random_flip": True,
@@ -160,7 +160,8 @@ def test_incompatible_workdir_fails_without_touching_it(uninterrupted):
 
 
 def test_missing_cifar10_says_how_to_prepare(tmp_path):
-    config = tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path)})
+    config = tiny_config(**{"data.name": "cifar10", "data.data_dir": str(tmp_path),
+                            "data.download": False})
     with pytest.raises(data.DatasetError, match="manual"):
         train.train(config, str(tmp_path / "run"))
     assert not os.path.exists(tmp_path / "run" / "config.json")

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from cm.data import idx, image_folder, streaming
+from cm.data import cifar, idx, image_folder, streaming
 from cm.data.sources import (
     DatasetError,
     center_crop,
@@ -48,7 +48,9 @@ def _load_idx(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
 
 # Each loader returns (uint8 images [N, H, W, C], int32 labels [N] or None).
 LOADERS: dict[str, Callable[[DataConfig], tuple[np.ndarray, np.ndarray | None]]] = {
-    "cifar10": lambda c: load_tfds_with_labels("cifar10", c.split, c.data_dir),
+    # The official archive with NumPy (no TensorFlow), in TFDS's order; tfds:cifar10 reads a
+    # prepared TFDS copy.
+    "cifar10": lambda c: cifar.load_cifar10(c.data_dir, c.split, download=c.download),
     "digits": load_digits_with_labels,
     "npz": lambda c: load_npz_with_labels(c.path, c.value_range),
     "folder": lambda c: _load_folder(c),

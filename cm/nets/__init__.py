@@ -1,6 +1,7 @@
 """Builds the network F_theta from the config and adapts it to the `ApplyFn` shape.
 
-Networks are looked up by name (`model.name`) in `MODELS`.
+Networks are looked up by name (`model.name`) in `MODELS`. The SD autoencoder of latent
+training is `load_autoencoder` (`cm.nets.autoencoder`).
 """
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cm.nets import ddpm_unet, ncsnpp
+from cm.nets.autoencoder import load_autoencoder as load_autoencoder
 
 PyTree = Any
 

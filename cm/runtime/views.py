@@ -120,6 +120,7 @@ class DataConfig(_Section):
     name: str
     path: str
     data_dir: str
+    download: bool
     split: str
     image_size: int
     num_channels: int
