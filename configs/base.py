@@ -147,7 +147,9 @@ def get_config() -> ml_collections.ConfigDict:
     ev.inception_path = ""  # local pt_inception-2015-12-05 weights (.pth or converted .npz)
     ev.stats_path = ""  # reference statistics (.npz); '' = cache dir default
     ev.cache_dir = "~/.cache/immiscible_cm"
-    ev.features = "auto"  # inception | pixels | auto (pixels for digits and 1-channel data)
+    ev.features = "auto"  # inception | fashion | pixels | auto (fashion for Fashion-MNIST,
+    #                       pixels for digits and other 1-channel data)
+    ev.fashion_weights = ""  # fd_fashion's classifier: '' = the shipped one (another metric if set)
 
     return config
 

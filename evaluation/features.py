@@ -61,6 +61,7 @@ class Options:
     inception_path: str = ""
     cache_dir: str = weights.DEFAULT_CACHE_DIR
     batch_size: int = 200
+    fashion_weights: str = ""  # '' = the shipped classifier (evaluation/weights/)
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -91,9 +92,14 @@ def _inception(shape: ImageShape, options: Options) -> Features:
 def _fashion(shape: ImageShape, options: Options) -> Features:
     if shape[-1] != 1:
         raise ValueError(f"fashion features need grayscale images, got shape {shape}")
-    params, manifest = fashion_net.load_or_train(options.cache_dir, log=logging.info)
+    params, manifest = fashion_net.load_weights(options.fashion_weights)
+    if manifest["sha256"] != fashion_net.SHIPPED_SHA256:
+        logging.warning("fashion features from eval.fashion_weights=%s, not the shipped "
+                        "classifier: its fd_fashion is not comparable with the docs' (rows "
+                        "carry its sha256 prefix %s)", options.fashion_weights,
+                        manifest["sha256"][:8])
     logging.info("fashion features: %s (test accuracy %.4f, sha256 %s)",
-                 fashion_net.weights_path(options.cache_dir), manifest["test_accuracy"],
+                 options.fashion_weights or fashion_net.SHIPPED, manifest["test_accuracy"],
                  manifest["sha256"][:16])
     return Features("fashion", "fd_fashion", fashion_net.feature_dim(params),
                     lambda images: fashion_net.features_and_logits(params, images,

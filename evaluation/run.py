@@ -48,7 +48,8 @@ _EVAL_TAG = 0x6576616C  # separates the evaluation noise from the training run's
 
 def feature_options(ev: EvalConfig, batch_size: int | None = None) -> features_lib.Options:
     """Extractor options; `batch_size` (images per forward pass) defaults to eval's."""
-    return features_lib.Options(ev.inception_path, ev.cache_dir, batch_size or ev.batch_size)
+    return features_lib.Options(ev.inception_path, ev.cache_dir, batch_size or ev.batch_size,
+                                ev.fashion_weights)
 
 
 # ----------------------------------------------------------------------------------------

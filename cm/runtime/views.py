@@ -358,6 +358,7 @@ class EvalConfig(_Section):
     stats_path: str
     cache_dir: str
     features: str
+    fashion_weights: str
 
     def __post_init__(self):
         # '--config.eval.steps=1000' may arrive as an int.
