@@ -25,7 +25,7 @@ import assignment
 from cm.data import Batcher, Prefetcher
 from cm.runtime.views import AssignmentConfig, ConfigError
 
-SCOPES = ("device", "host")
+SCOPES = ("device", "host", "global")
 # What the step reports of the pairing on the device path (assignment.where=device).
 DEVICE_DIAGNOSTICS = {"distance_before", "distance_after", "reduction"}
 # The keyword options each method's function takes (`assignment.permutation` for the
@@ -33,6 +33,7 @@ DEVICE_DIAGNOSTICS = {"distance_before", "distance_after", "reduction"}
 _OPTIONS = {"none": ("cost", "dtype", "scale"), "linear": ("cost", "dtype", "scale", "solver"),
             "knn": ("k", "cost", "dtype", "scale")}
 _KNN_STREAM = 0x6B6E6E  # "knn": keeps knn's draws apart from any other (seed, step) stream.
+_RESAMPLE_STREAM = 0x5253  # "RS": the resampled pairs' draws
 # device_fn(x [b,H,W,C], z [b,H,W,C], key) -> z, applied to each device's shard.
 DeviceFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # batch_fn(batch, step) -> (batch with z paired, {distance_before, distance_after,
@@ -73,8 +74,9 @@ class Options:
       method: a key of `assignment.METHODS` ("none", "linear", "knn").
       scope: "device": the batch's leading axis is split into `num_shards` contiguous
         equal shards (one per device, as the trainer shards it) and each is paired on
-        its own; "host": the whole batch at once. knn works row by row, so scope does
-        not change what it does.
+        its own; "host" and "global": the whole batch it is given at once (`Pairing`
+        gives the global scope the whole global batch on every process). knn works row
+        by row, so scope does not change what it does.
       num_shards: shards for scope "device".
       cost, dtype, scale, k, solver: the method's options (see `assignment.assign`).
       seed: with the step and `process_index`, determines knn's draws, so a resumed run
@@ -83,6 +85,11 @@ class Options:
       group_key: if set (e.g. "label"), a permuting method pairs noise only among the
         rows of the same group (class) within each shard, so each class keeps exactly
         its own rows' Gaussian draws.
+      resample: after a permuting method, draw the batch's pairs again with replacement
+        from the paired batch, each shard from its own pairs (what torchcfm's OT-CFM does
+        with the exact plan, which for a batch of equal weights is a permutation: some
+        (image, noise) pairs then appear twice and others not at all). Off by default:
+        the pairing alone keeps every image once and the noise exactly Gaussian.
     """
 
     method: str = "none"
@@ -96,6 +103,7 @@ class Options:
     seed: int = 0
     process_index: int = 0
     group_key: str | None = None
+    resample: bool = False
 
     def __post_init__(self):
         if self.method not in assignment.METHODS:
@@ -122,6 +130,9 @@ class Options:
         if self.group_key is not None and self.method not in assignment.PERMUTING:
             raise ValueError(f"group_key only applies to permuting methods, not "
                              f"{self.method!r}")
+        if self.resample and self.method not in assignment.PERMUTING:
+            raise ValueError(f"resample draws from a pairing (a permutation), not from "
+                             f"{self.method!r}'s selection")
 
     @property
     def shards(self) -> int:
@@ -186,10 +197,18 @@ def make_batch_fn(options: Options) -> BatchFn:
         else:
             z_new = assignment.assign(x, z, method, rng=knn_rng(seed, step, process_index),
                                       **method_options)
+        out = {**batch, "z": z_new}
+        if options.resample:
+            rng = np.random.default_rng([_RESAMPLE_STREAM, seed, process_index, step])
+            size = len(x) // options.shards
+            idx = np.concatenate([s * size + rng.integers(0, size, size)
+                                  for s in range(options.shards)])
+            out = {name: np.asarray(v)[idx] for name, v in out.items()}
         seconds = time.perf_counter() - start
-        stats = distance_stats(x, z, z_new)
+        stats = distance_stats(x, z, z_new) if not options.resample else distance_stats(
+            out["x"], z[idx], out["z"])
         stats["seconds"] = seconds
-        return {**batch, "z": z_new}, stats
+        return out, stats
 
     return batch_fn
 
@@ -219,7 +238,8 @@ def host_options(a: AssignmentConfig, seed: int, num_shards: int,
         return Options(method, scope=a.scope, num_shards=num_shards, cost=a.cost,
                        dtype=a.dtype, scale=a.scale, k=a.k, solver=a.solver, seed=seed,
                        process_index=process_index,
-                       group_key="label" if a.within_class and method != "none" else None)
+                       group_key="label" if a.within_class and method != "none" else None,
+                       resample=a.resample)
     except ValueError as e:
         raise ConfigError(f"assignment: {e}") from e
 
@@ -227,18 +247,33 @@ def host_options(a: AssignmentConfig, seed: int, num_shards: int,
 def check(a: AssignmentConfig) -> None:
     """The `assignment` section's values, as the stage will read them (ConfigError)."""
     host_options(a, seed=0, num_shards=1, process_index=0)
+    if a.scope not in SCOPES:
+        raise ConfigError(f"assignment.scope must be one of {SCOPES}, got {a.scope!r}")
     if a.where == "device" and a.method not in assignment.DEVICE_METHODS:
         raise ConfigError(f"assignment.method={a.method!r} has no on-device version; "
                           f"device methods are {tuple(assignment.DEVICE_METHODS)}")
 
 
 class Pairing:
-    """The `assignment` section, read once: the host stage and the in-step function."""
+    """The `assignment` section, read once: the host stage and the in-step function.
+
+    `scope=global` (the paper's setting): every process builds the whole global batch
+    (its images, flips and noise are functions of (seed, step, global row), so no process
+    needs another's data), pairs it as one problem, and keeps its own rows; every process
+    arrives at the same permutation (the solvers are deterministic), and knn draws its
+    candidates as process 0 would, so the run does not depend on the process layout.
+    The cost: each process reads and pairs the global batch (`bench/global_scope.py`).
+    """
 
     def __init__(self, a: AssignmentConfig, seed: int, num_local_devices: int,
-                 process_index: int = 0):
+                 process_index: int = 0, process_count: int = 1):
         self.prefetch = a.prefetch
-        self.options = host_options(a, seed, num_local_devices, process_index)
+        self.section = a
+        self.scope = a.scope
+        self.process_index, self.process_count = process_index, process_count
+        # The global scope pairs the global batch as process 0 of a one-process run would.
+        self.options = host_options(a, seed, num_local_devices,
+                                    0 if a.scope == "global" else process_index)
         self.device_fn: DeviceFn | None = None
         if a.where == "device" and a.method != "none":
             def device_fn(x, z, key):
@@ -246,6 +281,23 @@ class Pairing:
                                                 dtype=a.dtype, scale=a.scale)
 
             self.device_fn = device_fn
+
+    def describe(self, global_batch: int, devices: int) -> str:
+        """One line for the log: what is paired with what, in problems of which size."""
+        o, method = self.section, self.section.method
+        if method == "none":
+            return "none (vanilla: the noise as drawn)"
+        if self.device_fn is not None:
+            return (f"{method} inside the step, each of {devices} devices its shard of "
+                    f"{global_batch // devices}")
+        if method == "knn":
+            return f"knn, k={o.k}, row by row ({o.cost}, {o.dtype})"
+        size = {"device": global_batch // devices,
+                "host": global_batch // self.process_count, "global": global_batch}[o.scope]
+        where = {"device": "each device's shard", "host": "each host's batch",
+                 "global": "the global batch on every process"}[o.scope]
+        return (f"{method} over {where}: {size}x{size} problems ({o.cost}, {o.dtype}); its "
+                "seconds per step are the log's `seconds`")
 
     def inputs(self, batcher: Batcher, start_step: int, place: Callable[[dict], dict],
                steps_per_item: int = 1) -> Prefetcher:
@@ -260,6 +312,12 @@ class Pairing:
         """
         batch_fn = make_batch_fn(self.options)
         k = steps_per_item
+        rows = None
+        if self.scope == "global" and self.process_count > 1 and self.device_fn is None:
+            host = batcher
+            batcher = Batcher(host.images, host.global_batch, host.seed, 0, 1,
+                              host.random_flip, labels=host.labels)
+            rows = slice(host.row_start, host.row_start + host.host_batch)
 
         def paired(group: list[dict], index: int) -> dict:
             first = start_step + (index - start_step) * k  # the Prefetcher counts items
@@ -270,6 +328,8 @@ class Pairing:
                     diagnostics.append({})
                     continue
                 a, d = batch_fn(batch, first + i)
+                if rows is not None:  # the global batch was paired: keep this host's rows
+                    a = {name: v[rows] for name, v in a.items()}
                 arrays.append(a)
                 diagnostics.append(d)
             if k == 1:

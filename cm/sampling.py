@@ -23,29 +23,37 @@ def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
                  image_shape: tuple[int, int, int], spec: Sampler, num_classes: int = 0):
     """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh.
 
-    `spec` is the objective's sampler (e.g. `1step`, `heun18`). For a class-conditional
-    model (`num_classes > 0`) `labels` `[B]` picks the classes; without it the classes
-    are drawn uniformly from `key` (what class-conditional FID against the whole
-    training set needs).
+    `spec` is the objective's sampler (e.g. `1step`, `heun18`, `dopri5`). For a
+    class-conditional model (`num_classes > 0`) `labels` `[B]` picks the classes; without
+    it the classes are drawn uniformly from `key` (what class-conditional FID against the
+    whole training set needs). `sampler.with_nfe(...)` returns `(images, network calls
+    per image)`: the spec's count, or, for an adaptive sampler (`spec.nfe` None), the
+    count of this batch.
     """
     sample_fn = spec.sample
-    out_sharding = NamedSharding(mesh, P("data"))
+    out_sharding = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
     @functools.partial(jax.jit, static_argnums=(2,), out_shardings=out_sharding)
     def _run(params, key, batch_size, labels):
         if num_classes > 0 and labels is None:
             key, label_key = jax.random.split(key)
             labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
-        x = sample_fn(apply_fn, params, cfg, key, (batch_size,) + image_shape, labels)
-        return jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
+        out = sample_fn(apply_fn, params, cfg, key, (batch_size,) + image_shape, labels)
+        x, nfe = out if spec.nfe is None else (out, spec.nfe)
+        images = jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
+        return images, jnp.asarray(nfe, jnp.float32)
 
-    def sampler(params, key, batch_size: int, labels=None):
+    def with_nfe(params, key, batch_size: int, labels=None):
         if labels is not None:
             if num_classes <= 0:
                 raise ValueError("labels given to an unconditional model")
             labels = jnp.asarray(labels, jnp.int32)
         return _run(params, key, batch_size, labels)
 
+    def sampler(params, key, batch_size: int, labels=None):
+        return with_nfe(params, key, batch_size, labels)[0]
+
+    sampler.with_nfe = with_nfe
     return sampler
 
 

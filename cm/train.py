@@ -261,7 +261,8 @@ def _train(cfg: Config, run_dir: str, stop_after: int | None) -> dict:
     setup, state, step, ckpt = run.setup, run.state, run.start, run.ckpt
     writer = logs.MetricWriter(run_dir, resume_step=step) if is_main else None
     pair = pairing.Pairing(cfg.assignment, t.seed, jax.local_device_count(),
-                           jax.process_index())
+                           jax.process_index(), jax.process_count())
+    logging.info("pairing: %s", pair.describe(t.batch_size, jax.device_count()))
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.objective, setup.tx, t.rates, setup.mesh,
         device_assign=pair.device_fn, teacher_apply_fn=run.teacher_apply, steps_per_call=k)

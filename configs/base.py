@@ -56,7 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Consistency model: schedule, parameterisation, loss.
     cm = config.cm = ml_collections.ConfigDict()
-    cm.loss = "ct"  # ct | ict | cd | edm (lognormal sigma: cm.p_mean / p_std) | ddpm (eps)
+    # ct | ict | cd | edm (lognormal sigma: cm.p_mean / p_std) | ddpm (eps) | fm (flow
+    # matching); the table of objectives: cm/objectives/
+    cm.loss = "ct"
     cm.sigma_min = 0.002
     cm.sigma_max = 80.0
     cm.rho = 7.0
@@ -77,11 +79,17 @@ def get_config() -> ml_collections.ConfigDict:
     cm.beta_schedule = "linear"  # cm.loss=ddpm: linear (beta_start..beta_end) | cosine
     cm.beta_start = 1e-4
     cm.beta_end = 0.02
+    cm.fm_time = "uniform"  # cm.loss=fm: t uniform on [0, 1] | logit_normal (SD3's)
+    cm.fm_logit_mean = 0.0  # logit_normal: t = sigmoid(mean + std * n)
+    cm.fm_logit_std = 1.0
+    cm.fm_t_scale = 1000.0  # the network's time input is t * this (torchcfm: 1)
 
     # Immiscible noise assignment (see assignment/).
     assign = config.assignment = ml_collections.ConfigDict()
     assign.method = "none"  # none | linear | knn
-    assign.scope = "device"  # device | host
+    # device: within each device's shard | host: each host's batch | global: the whole
+    # global batch, the same permutation on every process (the paper's setting)
+    assign.scope = "device"
     assign.where = "host"  # host (background thread) | device (inside the jitted step)
     assign.cost = "l2"  # l2 | sqeuclidean
     assign.dtype = "float32"  # distance dtype: float32 | float16 | bfloat16
@@ -89,6 +97,9 @@ def get_config() -> ml_collections.ConfigDict:
     assign.k = 4  # knn candidates per image
     assign.solver = "auto"  # exact linear solver on the host
     assign.within_class = False  # class-conditional runs: pair noise only within a class
+    # linear: draw the batch's pairs again with replacement from the pairing (torchcfm's
+    # OT-CFM samples pairs from the exact plan); off: every image once, noise exactly Gaussian
+    assign.resample = False
     assign.prefetch = 2  # batches queued ahead of the device
 
     # Optimiser.

@@ -33,4 +33,7 @@ def get_config(arg: str | None = None):
     config.training.batch_size = 1024
     config.training.n_iters = 600_000
     config.training.ema_rates = (0.9999,)
+    # Pair over the whole global batch, the same permutation on every process: the paper's
+    # assignment batch (its SD code all-gathers and solves one problem); device/host as options.
+    config.assignment.scope = "global"
     return base.with_arg(config, arg)

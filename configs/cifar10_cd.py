@@ -36,4 +36,7 @@ def get_config(arg: str | None = None):
     config.training.n_iters = 800_000
     config.training.ema_rates = (0.9999,)
     config.sample.ts = (80.0,)
+    # Pair over the whole global batch, the same permutation on every process: the paper's
+    # assignment batch (its SD code all-gathers and solves one problem); device/host as options.
+    config.assignment.scope = "global"
     return base.with_arg(config, arg)

@@ -63,4 +63,7 @@ def get_config(arg: str | None = None):
     config.sample.eta = 0.0
     config.eval.samplers = ("ddim10", "ddim50", "ddim100")
     config.eval.eta = 0.0
+    # Pair over the whole global batch, the same permutation on every process: the paper's
+    # assignment batch (its SD code all-gathers and solves one problem); device/host as options.
+    config.assignment.scope = "global"
     return base.with_arg(config, arg)

@@ -35,4 +35,7 @@ def get_config(arg: str | None = None):
     config.sample.solver = "heun"
     config.sample.steps = 18
     config.eval.samplers = ("heun18",)  # --mode eval: also e.g. euler50 (DDIM-like)
+    # Pair over the whole global batch, the same permutation on every process: the paper's
+    # assignment batch (its SD code all-gathers and solves one problem); device/host as options.
+    config.assignment.scope = "global"
     return base.with_arg(config, arg)

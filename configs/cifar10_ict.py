@@ -33,4 +33,7 @@ def get_config(arg: str | None = None):
     config.training.ema_rates = (0.99993,)
     config.sample.ts = (80.0,)
     config.eval.two_step_t = 0.821
+    # Pair over the whole global batch, the same permutation on every process: the paper's
+    # assignment batch (its SD code all-gathers and solves one problem); device/host as options.
+    config.assignment.scope = "global"
     return base.with_arg(config, arg)

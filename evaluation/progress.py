@@ -73,8 +73,13 @@ class Progress:
                              f"{stats.dim} does not fit rounds of {self.batch}; delete it")
         return stats, done
 
-    def save(self, r: int, stats: fid.RunningStats, logits: np.ndarray | None) -> None:
-        """Records round `r` as finished (only on process 0)."""
+    def _nfe_path(self, r: int) -> str:
+        return os.path.join(self.dir, f"nfe_{r:05d}.json")
+
+    def save(self, r: int, stats: fid.RunningStats, logits: np.ndarray | None,
+             nfe: float | None = None) -> None:
+        """Records round `r` as finished (only on process 0); `nfe`: its network calls per
+        image, for an adaptive sampler."""
         if jax.process_index() != 0:
             return
         if not os.path.isdir(self.dir):
@@ -83,7 +88,18 @@ class Progress:
                     lambda p: _write_text(p, json.dumps(self.spec, indent=2, sort_keys=True)))
         if logits is not None:
             _atomic(self._logits_path(r), lambda p: _save_npy(p, logits))
+        if nfe is not None:
+            _atomic(self._nfe_path(r), lambda p: _write_text(p, json.dumps(nfe)))
         _atomic(self._stats_path(), stats.save)
+
+    def mean_nfe(self) -> float:
+        """The mean network calls per image over the rounds (weighted by their samples)."""
+        counts = [min(self.batch, self.n - r * self.batch) for r in range(self.n_rounds)]
+        calls = []
+        for r in range(self.n_rounds):
+            with open(self._nfe_path(r)) as f:
+                calls.append(float(json.load(f)))
+        return float(np.average(calls, weights=counts))
 
     def logits(self) -> np.ndarray | None:
         """All rounds' logits [n, K], or None when the features have none."""

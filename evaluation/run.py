@@ -134,9 +134,19 @@ def _gather(a: np.ndarray | None) -> np.ndarray | None:
 
 
 def round_features(sampler: Callable, params, key: jax.Array, batch: int, count: int,
-                   features: features_lib.Features) -> tuple[np.ndarray, np.ndarray | None]:
-    """Draws `batch` images and returns the features (and logits) of the first `count`."""
-    images = sampler(params, key, batch)  # uint8 [batch, H, W, C], sharded over 'data'
+                   features: features_lib.Features, nfe: list[float] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draws `batch` images and returns the features (and logits) of the first `count`;
+    with `nfe` (a list), appends this batch's network calls per image (adaptive samplers)."""
+    if nfe is None:
+        images = sampler(params, key, batch)  # uint8 [batch, H, W, C], sharded over 'data'
+    else:
+        images, calls = sampler.with_nfe(params, key, batch)
+        calls = float(jax.device_get(calls))
+        if not np.isfinite(calls):
+            raise FloatingPointError("the adaptive sampler did not reach t = 0 within its "
+                                     "step limit (a diverging model?); this round is not used")
+        nfe.append(calls)
     feats, logits = features.extract(_host_rows(images))
     feats, logits = _gather(feats), _gather(logits)
     return feats[:count], (None if logits is None else logits[:count])
@@ -317,8 +327,11 @@ def _restore_planned(ckpt: checkpoints.Checkpointer, abstract_state, step: int):
 
 def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.Array,
                   feats: features_lib.Features, ref: fid.FeatureStats, budget: list[float],
-                  nfe: int) -> dict | None:
-    """Finishes the rounds of one (step, sampler); its row, or None if out of budget."""
+                  nfe: int | None) -> dict | None:
+    """Finishes the rounds of one (step, sampler); its row, or None if out of budget.
+
+    `nfe`: the sampler's network calls per image, or None for an adaptive sampler, whose
+    row then records the mean over its rounds (each round's count is kept with it)."""
     spec = progress.spec
     stats, start = progress.load()
     if start:
@@ -330,9 +343,10 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
             return None
         key = round_key(base_key, spec["step"], spec["sampler"], r)
         count = min(progress.batch, progress.n - r * progress.batch)
-        f, logits = round_features(sampler, params, key, progress.batch, count, feats)
+        calls = None if nfe is not None else []
+        f, logits = round_features(sampler, params, key, progress.batch, count, feats, calls)
         stats.update(f)
-        progress.save(r, stats, logits)
+        progress.save(r, stats, logits, calls[0] if calls else None)
         budget[0] -= 1
         logging.info("step %d %s: round %d/%d, %d samples, %.1f samples/s", spec["step"],
                      spec["sampler"], r + 1, progress.n_rounds, stats.n,
@@ -343,6 +357,7 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
     if logits is not None:
         is_mean, is_std = fid.inception_score(logits, min(IS_SPLITS, len(logits)))
     return {"step": spec["step"], "sampler": spec["sampler"], "ts": spec["ts"],
-            "nfe": nfe, "n": spec["n"], "metric": feats.metric,
+            "nfe": nfe if nfe is not None else progress.mean_nfe(), "n": spec["n"],
+            "metric": feats.metric,
             feats.metric: value, "is": is_mean, "is_std": is_std,
             **({"eta": spec["eta"]} if "eta" in spec else {})}

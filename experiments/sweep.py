@@ -37,7 +37,7 @@ EVAL_RESULTS = "eval.jsonl"  # a run's rows, under its workdir (see evaluation/p
 MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
 
 __all__ = ["RESULTS", "Run", "arm_name", "collect", "eval_command", "expand", "is_done",
-           "is_evaluated", "is_trained", "main", "parse_grid", "parse_seeds",
+           "is_evaluated", "is_trained", "main", "parse_arms", "parse_grid", "parse_seeds",
            "resolve_config", "run_sweep", "snapshot_warning", "train_command"]
 
 
@@ -99,8 +99,33 @@ def arm_name(point: Sequence[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v}" for k, v in point).replace(os.sep, "_")
 
 
+def parse_arms(items: Sequence[str]) -> list[list[tuple[str, str]]]:
+    """Parses `--arm "k1=v1 k2=v2"` items into explicit grid points (not a product):
+    e.g. the couplings of the flow-matching sweep, where `assignment.cost` matters for
+    `linear` only.
+
+    Raises:
+      ValueError: an entry without '=', or a key given twice in one arm.
+    """
+    arms = []
+    for item in items:
+        point = []
+        for entry in item.split():
+            key, sep, value = entry.partition("=")
+            if not sep or not key or not value:
+                raise ValueError(f"--arm {item!r}: expected 'key=value key=value ...'")
+            if key in {k for k, _ in point}:
+                raise ValueError(f"--arm {item!r}: key {key!r} given twice")
+            point.append((key, value))
+        if not point:
+            raise ValueError("--arm: empty")
+        arms.append(point)
+    return arms
+
+
 def expand(grid: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int], root: str,
-           sets: Sequence[str] = ()) -> list[Run]:
+           sets: Sequence[str] = (), arms: Sequence[Sequence[tuple[str, str]]] = ()
+           ) -> list[Run]:
     """The runs of a sweep: the cartesian product of the grid's values, times the seeds.
 
     Runs are ordered seed-major (every arm of seed 0, then of seed 1, ...), so that a
@@ -111,6 +136,7 @@ def expand(grid: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int], root
       seeds: values of `training.seed`.
       root: the sweep's directory.
       sets: sweep-wide 'key=value' overrides, applied to every run.
+      arms: explicit grid points (`parse_arms`), instead of the grid's product.
 
     Returns:
       One `Run` per (seed, grid point).
@@ -118,15 +144,17 @@ def expand(grid: Sequence[tuple[str, Sequence[str]]], seeds: Sequence[int], root
     Raises:
       ValueError: a key that is both swept and set, or `training.seed` set or swept.
     """
+    if grid and arms:
+        raise ValueError("give --grid or --arm, not both")
     set_keys = [s.partition("=")[0] for s in sets]
-    keys = [k for k, _ in grid]
+    keys = [k for k, _ in grid] + sorted({k for arm in arms for k, _ in arm})
     for k in set_keys + keys:
         if k == "training.seed":
             raise ValueError("training.seed is set by --seeds; do not pass it in --set/--grid")
     if both := set(set_keys) & set(keys):
         raise ValueError(f"keys both swept (--grid) and set (--set): {sorted(both)}")
-    points = [list(zip(keys, vals, strict=True))
-              for vals in itertools.product(*(v for _, v in grid))]
+    points = [list(arm) for arm in arms] or [
+        list(zip(keys, vals, strict=True)) for vals in itertools.product(*(v for _, v in grid))]
     runs = []
     for seed in seeds:
         for point in points:
@@ -315,6 +343,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="config file, as for main.py")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a swept config key (repeat for a cartesian product)")
+    p.add_argument("--arm", action="append", default=[], metavar='"K1=V1 K2=V2"',
+                   help="one arm's overrides (repeat; instead of --grid's product)")
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1,2 or 0-2")
     p.add_argument("--root", required=True, help="sweep directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -331,7 +361,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        runs = expand(parse_grid(args.grid), parse_seeds(args.seeds), args.root, args.set)
+        runs = expand(parse_grid(args.grid), parse_seeds(args.seeds), args.root, args.set,
+                      parse_arms(args.arm))
         configs = [resolve_config(args.config, r.overrides) for r in runs]  # typos fail here
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

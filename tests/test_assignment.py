@@ -434,7 +434,7 @@ def test_assigned_noise_stays_standard_normal():
         (lambda x, z: assignment.assign(x, z, "knn", k=0), "k must be"),
         (lambda x, z: assignment.assign(x, z, "knn", k=4), "needs rng"),
         (lambda x, z: assignment.assign(x.astype(str), z, "none"), "real numbers"),
-        (lambda x, z: make_batch_fn(Options("linear", "global")), "unknown assignment scope"),
+        (lambda x, z: make_batch_fn(Options("linear", "galaxy")), "unknown assignment scope"),
         (lambda x, z: make_batch_fn(Options("linear", "device", 0)), "num_shards"),
         (lambda x, z: make_batch_fn(Options("none", solver="nope")), "unknown solver"),
         (

@@ -7,7 +7,7 @@ the spec; nothing outside this package compares `cm.loss` with a string
 (tests/test_objectives_table.py). Adding an objective is a module and a line below.
 """
 
-from cm.objectives import cd, ct, ddpm, edm, ict
+from cm.objectives import cd, ct, ddpm, edm, fm, ict
 from cm.objectives.spec import (
     SAMPLER_FIELDS,
     Objective,
@@ -25,6 +25,7 @@ REGISTRY: dict[str, Objective] = {o.name: o for o in (
     cd.OBJECTIVE,
     edm.OBJECTIVE,
     ddpm.OBJECTIVE,
+    fm.OBJECTIVE,
 )}
 
 # Fields that decide the shapes of the saved state: a change means the checkpoints

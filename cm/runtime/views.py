@@ -192,6 +192,10 @@ class CMConfig(_Section):
     beta_schedule: str
     beta_start: float
     beta_end: float
+    fm_time: str
+    fm_logit_mean: float
+    fm_logit_std: float
+    fm_t_scale: float
     # From outside the `cm` section:
     total_steps: int  # training.n_iters, the curricula's length
     lpips_dtype: str  # model.dtype, the compute dtype
@@ -226,6 +230,7 @@ class AssignmentConfig(_Section):
     k: int
     solver: str
     within_class: bool
+    resample: bool
     prefetch: int
 
     def __post_init__(self):
@@ -240,6 +245,10 @@ class AssignmentConfig(_Section):
         _need(not (self.within_class and self.method == "knn"),
               "assignment.within_class applies to permuting methods (linear), not knn (which "
               "pairs each image with its own candidates)")
+        _need(not (self.resample and (self.where == "device" or self.method == "knn")),
+              "assignment.resample draws pairs from a host pairing (linear or none), not "
+              f"from knn or on the device path; got method={self.method!r}, "
+              f"where={self.where!r}")
         _need(not (self.within_class and self.where == "device"),
               "assignment.within_class runs on the host path only (assignment.where='host')")
 
