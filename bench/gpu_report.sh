@@ -7,6 +7,8 @@
 #   fid    the FID feature-extraction rate;
 #   edm    EDM and CD training steps at batch 512 in bfloat16;
 #   huber  the CT step with pseudo-Huber instead of LPIPS (what LPIPS costs);
+# SECTIONS="memory": bench.memory's table of the four CIFAR-10 steps (issue 26), compiled
+# on the GPU (32 compiles per config; MICROBATCHES / MEMORY_CONFIGS narrow it).
 # issue 19 (one call of at most 9 minutes: SECTIONS="assign profile small restart"):
 #   assign  training throughput at batch 512 in bfloat16 with none, linear and knn
 #           through the real input path, interleaved windows (goal: linear >= 0.98x,
@@ -110,6 +112,16 @@ fi
 if wanted restart; then
   section "restart: quickstart, empty vs warm compilation cache"
   run "restart" -m bench.restart --config "configs/quickstart.py$SUFFIX" --steps 8
+fi
+if wanted memory; then
+  # Compiled memory of the four CIFAR-10 steps, per microbatch and remat, in bfloat16 and
+  # float32 (compile only, nothing runs): the GPU's own buffer assignment for the README's
+  # table (docs/memory.md), next to the CPU's.
+  for cfg in ${MEMORY_CONFIGS:-cifar10_ct cifar10_ict cifar10_edm cifar10_ddpm}; do
+    section "memory: $cfg, microbatch 1 2 4 8, remat off/on"
+    run "memory $cfg" -m bench.memory --config "configs/$cfg.py$SUFFIX" \
+        --microbatch "${MICROBATCHES:-1,2,4,8}" --remat off,on --dtype bfloat16,float32
+  done
 fi
 if wanted huber; then
   step "cifar10_ct with pseudo_huber" cifar10_ct bfloat16 --config.cm.metric=pseudo_huber

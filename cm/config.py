@@ -156,6 +156,10 @@ def for_training(config: Any) -> Config:
     if t.batch_size % n_dev:
         raise ConfigError(f"training.batch_size={t.batch_size} must be a positive multiple "
                           f"of the {n_dev} devices")
+    if t.batch_size % (n_dev * t.microbatch):
+        raise ConfigError(f"training.microbatch={t.microbatch}: each of the {n_dev} devices' "
+                          f"{t.batch_size // n_dev} rows must split into {t.microbatch} equal "
+                          "microbatches")
     on_host = a.where == "host"
     pairing.check_knn_memory(  # rows paired at once: the host's, or a device's
         a, t.batch_size // (jax.process_count() if on_host else n_dev),

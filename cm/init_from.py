@@ -4,9 +4,13 @@
 online parameters of the run in DIR into a new run, and its CT target and evaluation
 EMAs where it has them (else the online parameters); the optimiser starts fresh at step
 0. For an objective that seeds from its teacher (`Objective.seeds_from_teacher`: CD) an
-empty `init_from` means the teacher (`cm.teacher_workdir`): its EMA parameters become
-the student's online, target and EMA parameters, as the CD paper and the OpenAI code
-do; `init_from=none` trains the student from scratch.
+empty `init_from` means the teacher (`cm.teacher_workdir`), as the OpenAI JAX code's
+`finetune=True` does (`jcm/losses.py: get_loss_fn`): the student's online parameters are
+the teacher's raw (online) parameters, its target starts equal to them, and its
+evaluation EMAs are the teacher's EMA (`sample.ema_index`). (The OpenAI PyTorch code
+copies one file, the teacher's EMA, into all three; we follow the JAX code, whose
+CIFAR-10 results the paper reports. Until 2026-12-06 all three came from the EMA.)
+`init_from=none` trains the student from scratch.
 
 Shapes must match parameter by parameter; the one exception is a class-conditional
 fine-tune of an unconditional run, whose new parameters (the label embedding) keep
@@ -120,11 +124,11 @@ def initial_state(config: Any, setup: Setup):
         merged, _ = merge_params(fresh.params, tree, conditional_finetune, where)
         return merged
 
-    if kind == "teacher":  # the teacher's evaluation EMA seeds everything
-        teacher = src.ema_params[src_cfg.sample.ema_index]
-        params, new = merge_params(fresh.params, teacher, conditional_finetune, where)
+    if kind == "teacher":  # online and target from the raw parameters, EMAs from the EMA
+        params, new = merge_params(fresh.params, src.params, conditional_finetune, where)
         target = params if fresh.target_params is not None else None
-        emas = tuple(params for _ in fresh.ema_params)
+        ema = merge(src.ema_params[src_cfg.sample.ema_index])
+        emas = tuple(ema for _ in fresh.ema_params)
     else:
         params, new = merge_params(fresh.params, src.params, conditional_finetune, where)
         target = None
@@ -135,7 +139,7 @@ def initial_state(config: Any, setup: Setup):
     n_ema = len(config.training.ema_rates)
     state = train_step.init_state(params, setup.tx, setup.objective.keeps_target, n_ema)
     state = state.replace(target_params=target, ema_params=emas)
-    what = ("the EMA parameters of the teacher" if kind == "teacher"
+    what = ("the teacher's online (student and target) and EMA parameters" if kind == "teacher"
             else "the online, target and EMA parameters of the run")
     logging.info("initialised from %s in %s at step %d (fresh optimiser, step 0)", what,
                  run_dir, step)

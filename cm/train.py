@@ -265,7 +265,8 @@ def _train(cfg: Config, run_dir: str, stop_after: int | None) -> dict:
     logging.info("pairing: %s", pair.describe(t.batch_size, jax.device_count()))
     step_fn = train_step.make_train_step(
         setup.apply_fn, setup.cm, setup.objective, setup.tx, t.rates, setup.mesh,
-        device_assign=pair.device_fn, teacher_apply_fn=run.teacher_apply, steps_per_call=k)
+        device_assign=pair.device_fn, teacher_apply_fn=run.teacher_apply, steps_per_call=k,
+        microbatches=t.microbatch)
     watch, last = LossWatch(ckpt), {}
     end = t.n_iters if stop_after is None else min(stop_after, t.n_iters)
     try:

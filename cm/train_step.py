@@ -82,8 +82,15 @@ def apply_updates(state: TrainState, grads: PyTree, tx: optax.GradientTransforma
 def make_train_step(apply_fn: ApplyFn, cfg: CMConfig, objective: Objective,
                     tx: optax.GradientTransformation, ema_rates: tuple[float, ...],
                     mesh: Mesh, device_assign: DeviceAssignFn | None = None,
-                    teacher_apply_fn=None, steps_per_call: int = 1):
+                    teacher_apply_fn=None, steps_per_call: int = 1, microbatches: int = 1):
     """Returns the jitted `train_step(state, batch, frozen) -> (state, metrics)`.
+
+    With `microbatches = m > 1` (gradient accumulation, `training.microbatch`) each
+    device's shard of the (already paired) batch is cut into m contiguous parts, whose
+    gradients are computed one after the other (`lax.scan`: one part's activations live
+    at a time) and averaged before the one optimiser step; the EMAs, the target and the
+    curriculum advance once. Per-example randomness is keyed by the global row, so the
+    update is that of m = 1 up to float rounding; dropout draws a key per part.
 
     `batch` holds `x` and `z` `[B,H,W,C]` sharded over the mesh's `data` axis (and
     optionally `label` `[B]`). The state is donated. With `steps_per_call = k > 1` the
@@ -118,6 +125,9 @@ def make_train_step(apply_fn: ApplyFn, cfg: CMConfig, objective: Objective,
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 2), shard)
 
         extra = {name: frozen[key] for key, name in FROZEN_ARGS.items() if key in frozen}
+        if microbatches > 1:
+            return _accumulate(params, target_params, step, batch, example_keys,
+                               dropout_key, extra)
 
         def loss_fn(p):
             # The global loss is the mean over devices of the shard losses (equal shard
@@ -133,6 +143,36 @@ def make_train_step(apply_fn: ApplyFn, cfg: CMConfig, objective: Objective,
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         aux = jax.lax.pmean(aux, "data")
         return loss, aux, grads
+
+    def _accumulate(params, target_params, step, batch, example_keys, dropout_key, extra):
+        m = microbatches
+        local_b = batch["x"].shape[0]
+        if local_b % m:
+            raise ValueError(f"a device's {local_b} rows do not split into {m} microbatches")
+        parts = jax.tree.map(lambda a: a.reshape((m, local_b // m) + a.shape[1:]),
+                             {**batch, "keys": example_keys})
+
+        def loss_fn(p, part, i):
+            loss, aux = loss_impl(apply_fn, cfg, p, target_params, part["x"], part["z"], step,
+                                  part["keys"], jax.random.fold_in(dropout_key, i),
+                                  part.get("label"), **extra)
+            # The mean gradient over devices, as above; the metrics averaged here too, so
+            # that everything the scan carries is the same on every device.
+            return jax.lax.pmean(loss, "data"), jax.lax.pmean(aux, "data")
+
+        def body(carry, xs):
+            part, i = xs
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, part, i)
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        zeros = jax.eval_shape(lambda: jax.value_and_grad(loss_fn, has_aux=True)(
+            params, jax.tree.map(lambda a: a[0], parts), 0))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        (loss, aux), grads = zeros
+        (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads),
+                                             (parts, jnp.arange(m)))
+        mean = lambda t: jax.tree.map(lambda a: a / m, t)  # noqa: E731
+        return mean(loss), mean(aux), mean(grads)
 
     def assign_shard(x, z, step, step_key):
         shard = jax.lax.axis_index("data")

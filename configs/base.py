@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.progressive_combine = "sum"  # sum | cat
     model.num_classes = 0  # 0 = unconditional
     model.dtype = "float32"  # activation/matmul dtype: float32 | bfloat16
+    model.remat = False  # recompute each block's activations in the backward pass (memory)
 
     # Consistency model: schedule, parameterisation, loss.
     cm = config.cm = ml_collections.ConfigDict()
@@ -131,6 +132,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.resume_every = 1_000  # frequent checkpoints, the latest two are kept
     training.n_grid = 64  # images in the sample grid PNG
     training.steps_per_call = 1  # k > 1: k steps per jitted call (unrolled), for small models
+    # m > 1: gradient accumulation; the paired global batch is cut into m microbatches whose
+    # gradients are averaged before one optimiser step (memory: bench/memory.py)
+    training.microbatch = 1
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
     # Sampling.
@@ -145,6 +149,9 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0  # DDPM runs, ddim: 0 = deterministic, 1 = ancestral (posterior variance)
     sample.skip = "uniform"  # DDPM runs: sub-sequence of timesteps, uniform | quadratic
     sample.label = -1  # class-conditional models: a class, or -1 for a class grid
+    # multistep consistency sampling (sample.ts, eval 2step): clip each step's x0 to [-1, 1]
+    # before re-noising, as the OpenAI sampler does (False: the last step only)
+    sample.clip_denoised = True
 
     # Evaluation (FID / IS, see evaluation/).
     ev = config.eval = ml_collections.ConfigDict()

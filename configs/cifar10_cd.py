@@ -8,8 +8,10 @@ Values from the paper's hyperparameter table, CIFAR-10 CD column (REFERENCE.md):
 - target EMA mu = 0: the target is the online network under stop-gradient
   (`cm.start_ema = 0`; 0.95 is the paper's ImageNet-64 / LSUN setting, and the OpenAI
   JAX code's CIFAR-10 CD config has no target EMA either);
-- the student, its target and its EMA start from the teacher's EMA parameters (the
-  OpenAI code's `finetune=True`): `training.init_from` left empty means the teacher;
+- the student starts from its teacher as the OpenAI JAX code's `finetune=True` does
+  (`jcm/losses.py: get_loss_fn`): online (and target) from the teacher's raw parameters,
+  the EMA from the teacher's EMA (the PyTorch code copies the EMA into all three);
+  `training.init_from` left empty means the teacher;
   `--config.training.init_from=none` trains the student from scratch;
 - one Heun step of the teacher from t_{n+1} to t_n with the same noise z the student
   sees; metric LPIPS (cm/nets/lpips.py; weights as in configs/cifar10_ct.py);

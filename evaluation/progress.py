@@ -134,10 +134,10 @@ def _save_npy(path: str, a: np.ndarray) -> None:
 
 
 def row_key(row: dict) -> tuple:
-    """What makes two result rows the same evaluation: step, sampler, n, metric, times
-    and (DDIM samplers) eta."""
+    """What makes two result rows the same evaluation: step, sampler, n, metric, times,
+    (DDIM samplers) eta and (multistep consistency samplers) the clip of each step."""
     return (row.get("step"), row.get("sampler"), row.get("n"), row.get("metric"),
-            tuple(row.get("ts") or ()), row.get("eta"))
+            tuple(row.get("ts") or ()), row.get("eta"), row.get("clip_denoised"))
 
 
 def read_results(run_dir: str) -> list[dict]:

@@ -251,11 +251,12 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
-        options = SampleOptions.of_eval(ev)
+        options = SampleOptions.of_eval(ev, saved.sample)
         specs = {s: setup.named_sampler(s, options) for s in ev.samplers}
         samplers = {s: setup.sampler(spec) for s, spec in specs.items()}
         ts_of = {s: spec.times for s, spec in specs.items()}
         eta_of = {s: spec.eta for s, spec in specs.items()}  # part of a row's identity
+        clip_of = {s: spec.clip_denoised for s, spec in specs.items()}  # so is the clip
         done = {row_key(r): r for r in read_results(run_dir)}
         budget = [math.inf if max_rounds is None else max_rounds]
         rows: list[dict] = []
@@ -263,7 +264,7 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
                      "%s features vs %s", steps, list(ev.samplers), ev.n_samples, batch,
                      feats.kind, ref_path)
         for step in steps:
-            keys = {s: (step, s, ev.n_samples, feats.metric, ts_of[s], eta_of[s])
+            keys = {s: (step, s, ev.n_samples, feats.metric, ts_of[s], eta_of[s], clip_of[s])
                     for s in ev.samplers}
             todo = [s for s in ev.samplers if keys[s] not in done]
             params = None
@@ -282,6 +283,8 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
                         "ema_index": int(saved.sample.ema_index), "features": feats.tag}
                 if eta_of[s] is not None:
                     spec["eta"] = eta_of[s]
+                if clip_of[s] is not None:
+                    spec["clip_denoised"] = clip_of[s]
                 progress = Progress(os.path.join(run_dir, EVAL_DIR),
                                     f"step{step:08d}_{s}_{feats.metric}", spec, feats.dim,
                                     batch, ev.n_samples)
@@ -360,4 +363,5 @@ def _evaluate_one(progress: Progress, sampler: Callable, params, base_key: jax.A
             "nfe": nfe if nfe is not None else progress.mean_nfe(), "n": spec["n"],
             "metric": feats.metric,
             feats.metric: value, "is": is_mean, "is_std": is_std,
-            **({"eta": spec["eta"]} if "eta" in spec else {})}
+            **({"eta": spec["eta"]} if "eta" in spec else {}),
+            **({"clip_denoised": spec["clip_denoised"]} if "clip_denoised" in spec else {})}

@@ -182,13 +182,20 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
         setup_lib.load_teacher(config)
     config.cm.sigma_data = 0.5
 
-    # Before the first update, the student's online, target and EMA parameters are the
-    # teacher's EMA parameters (the CD paper; the OpenAI code's finetune=True).
+    # Before the first update the student is its teacher as the OpenAI JAX code's
+    # finetune=True makes it: online and target from the teacher's raw parameters, the EMA
+    # from the teacher's EMA (which differ here: the teacher trained 2 steps, EMA ~0.99999).
     _, teacher_ema = setup_lib.load_teacher(config)
-    start = init_from.initial_state(config, setup_lib.Setup(config))
+    tckpt = checkpoints.Checkpointer(str(tmp_path / "edm"))
+    teacher_state = tckpt.restore(setup_lib.Setup(teacher).abstract_state())
+    tckpt.close()
+    raw = _leaves(teacher_state.params)
     want = _leaves(teacher_ema)
-    for tree in (start.params, start.target_params, *start.ema_params):
-        for a, b in zip(_leaves(tree), want, strict=True):
+    assert max(float(np.abs(a - b).max()) for a, b in zip(raw, want, strict=True)) > 1e-5
+    start = init_from.initial_state(config, setup_lib.Setup(config))
+    for tree, ref in ((start.params, raw), (start.target_params, raw),
+                      *((e, want) for e in start.ema_params)):
+        for a, b in zip(_leaves(tree), ref, strict=True):
             np.testing.assert_array_equal(a, b)
     assert int(start.step) == 0
 
@@ -197,7 +204,7 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     assert last["num_scales"] == 18 and last["mu"] == 0.0  # CIFAR-10 CD: target = online
 
     # The same path in train(): after one real update (the run's step-1 snapshot) the EMA
-    # is r * teacher + (1 - r) * online and the target (mu = 0) is the online network.
+    # is r * teacher's EMA + (1 - r) * online and the target (mu = 0) is the online network.
     ckpt = checkpoints.Checkpointer(str(tmp_path / "cd"))
     assert ckpt.snapshot_steps() == [1, 2, 3]
     state = ckpt.restore(setup_lib.Setup(config).abstract_state(), step=1)
@@ -205,11 +212,11 @@ def test_consistency_distillation_from_a_tiny_teacher(tmp_path):
     assert int(state.step) == 1
     (rate,) = config.training.ema_rates
     moved = 0.0
-    for t, p, tg, e in zip(want, _leaves(state.params), _leaves(state.target_params),
-                           _leaves(state.ema_params[0]), strict=True):
+    for t, r0, p, tg, e in zip(want, raw, _leaves(state.params), _leaves(state.target_params),
+                               _leaves(state.ema_params[0]), strict=True):
         np.testing.assert_array_equal(tg, p)
         np.testing.assert_allclose(e, rate * t + (1 - rate) * p, rtol=1e-5, atol=1e-7)
-        moved = max(moved, float(np.max(np.abs(p - t))))
+        moved = max(moved, float(np.max(np.abs(p - r0))))
     assert moved > 0, "the update must move the parameters for this check to mean anything"
 
 

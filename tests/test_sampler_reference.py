@@ -81,20 +81,28 @@ def cfg_of(loss, sigma_max=SIGMA_MAX):
                                 sigma_data=SIGMA_DATA)
 
 
+@pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("ts", [(80.0,), (80.0, 0.821), (80.0, 2.0, 0.005)])
-def test_multistep_consistency_sampling_matches_algorithm_1(ts):
+def test_multistep_consistency_sampling_matches_algorithm_1(ts, clip):
+    """Algorithm 1, and with `clip` the OpenAI sampler's clip of each step's x0 to [-1, 1]
+    before it is noised again (`clip_denoised=True`); one step is the same either way."""
     key = jax.random.PRNGKey(7)
-    got = np.asarray(consistency.sample(net_jnp, None, cfg_of("ct"), key, SHAPE, ts),
-                     np.float64)
-
+    got = np.asarray(consistency.sample(net_jnp, None, cfg_of("ct"), key, SHAPE, ts,
+                                        clip_denoised=clip), np.float64)
     keys = jax.random.split(key, len(ts))
     z = [np.asarray(jax.random.normal(k, SHAPE), np.float64) for k in keys]
     x = cm_f(ts[0] * z[0], ts[0])
     for t, zi in zip(ts[1:], z[1:], strict=True):
+        assert 0.01 < np.mean(np.abs(x) > 1.0) < 0.5, "the intermediate clip must matter"
+        x = np.clip(x, -1.0, 1.0) if clip else x
         x = cm_f(x + math.sqrt(t**2 - SIGMA_MIN**2) * zi, t)
     want = np.clip(x, -1.0, 1.0)
     assert 0.01 < np.mean(np.abs(x) > 1.0) < 0.5, "some, not all, values must be clipped"
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    spec = consistency.SAMPLING.named(cfg_of("ct"), "2step", SampleOptions())
+    assert spec.clip_denoised is True and spec.tag == "2step"  # the default
+    assert consistency.SAMPLING.named(cfg_of("ct"), "1step", SampleOptions()).clip_denoised \
+        is None
 
 
 @pytest.mark.parametrize("solver, steps", [("heun", 2), ("heun", 3), ("heun", 6), ("euler", 6)])

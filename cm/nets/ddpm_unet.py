@@ -44,6 +44,7 @@ class UNetConfig:
     resamp_with_conv: bool = True
     num_classes: int = 0
     dtype: str = "float32"
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -59,7 +60,7 @@ class UNetConfig:
                    nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                    resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,
-                   dtype=m.dtype)
+                   dtype=m.dtype, remat=m.remat)
 
 
 class DDPMUNet(nn.Module):
@@ -88,13 +89,14 @@ class DDPMUNet(nn.Module):
             raise ValueError("labels given to an unconditional model (num_classes == 0)")
 
         def res_block(h, out_ch):
-            return layers.ResnetBlockDDPMpp(act=act, out_ch=out_ch, dropout=cfg.dropout,
-                                            skip_rescale=False, init_scale=0.0,
-                                            dtype=dtype)(h, temb, train)
+            return layers.block(layers.ResnetBlockDDPMpp, cfg.remat)(
+                act=act, out_ch=out_ch, dropout=cfg.dropout, skip_rescale=False,
+                init_scale=0.0, dtype=dtype)(h, temb, train)
 
         def attend(h):
             if h.shape[1] in cfg.attn_resolutions:
-                return layers.AttnBlockpp(skip_rescale=False, init_scale=0.0, dtype=dtype)(h)
+                return layers.block(layers.AttnBlockpp, cfg.remat)(
+                    skip_rescale=False, init_scale=0.0, dtype=dtype)(h)
             return h
 
         hs = [layers.conv3x3(x.astype(dtype), nf, dtype=dtype)]  # [B, H, W, nf]
@@ -106,7 +108,8 @@ class DDPMUNet(nn.Module):
 
         h = hs[-1]
         h = res_block(h, h.shape[-1])
-        h = layers.AttnBlockpp(skip_rescale=False, init_scale=0.0, dtype=dtype)(h)
+        h = layers.block(layers.AttnBlockpp, cfg.remat)(skip_rescale=False, init_scale=0.0,
+                                                         dtype=dtype)(h)
         h = res_block(h, h.shape[-1])
 
         for level, mult in reversed(list(enumerate(cfg.ch_mult))):

@@ -4,6 +4,8 @@ Class names follow the OpenAI consistency-model JAX code so the parameter trees 
 its checkpoints. Parameters are float32; `dtype` sets the activation/matmul precision.
 """
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -220,3 +222,19 @@ class ResnetBlockBigGANpp(nn.Module):
         if c != out_ch or self.up or self.down:
             x = conv1x1(x, out_ch, dtype=self.dtype)
         return (x + h) * _INV_SQRT2 if self.skip_rescale else x + h
+
+
+@functools.cache
+def rematerialized(cls: type[nn.Module]) -> type[nn.Module]:
+    """`cls` whose activations are recomputed in the backward pass (`nn.remat`), under the
+    same name, so that its parameters keep their names (a checkpoint trained with remat
+    on restores with it off and back). `__call__(x, temb, train)`: `train` is static."""
+    static = (3,) if "train" in inspect.signature(cls.__call__).parameters else ()
+    wrapped = nn.remat(cls, static_argnums=static)
+    wrapped.__name__ = wrapped.__qualname__ = cls.__name__
+    return wrapped
+
+
+def block(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
+    """`cls`, or its rematerialized version (`model.remat`)."""
+    return rematerialized(cls) if remat else cls

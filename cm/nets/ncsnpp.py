@@ -51,6 +51,7 @@ class NCSNppConfig:
     progressive_combine: str = "sum"
     num_classes: int = 0
     dtype: str = "float32"
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -146,9 +147,10 @@ class NCSNpp(nn.Module):
             raise ValueError("labels given to an unconditional model (num_classes == 0)")
 
         fir = dict(fir=cfg.fir, fir_kernel=cfg.fir_kernel, dtype=dtype)
-        attn_block = lambda: layers.AttnBlockpp(cfg.skip_rescale, cfg.init_scale, dtype=dtype)
+        attn_block = lambda: layers.block(layers.AttnBlockpp, cfg.remat)(
+            cfg.skip_rescale, cfg.init_scale, dtype=dtype)
         if cfg.resblock_type == "biggan":
-            res_block = lambda **kw: layers.ResnetBlockBigGANpp(
+            res_block = lambda **kw: layers.block(layers.ResnetBlockBigGANpp, cfg.remat)(
                 act=act,
                 dropout=cfg.dropout,
                 skip_rescale=cfg.skip_rescale,
@@ -157,7 +159,7 @@ class NCSNpp(nn.Module):
                 **kw,
             )
         else:
-            res_block = lambda **kw: layers.ResnetBlockDDPMpp(
+            res_block = lambda **kw: layers.block(layers.ResnetBlockDDPMpp, cfg.remat)(
                 act=act,
                 dropout=cfg.dropout,
                 skip_rescale=cfg.skip_rescale,

@@ -5,7 +5,11 @@ f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, 0.25 ln t), so f(x, sigma_min) = x
 exactly. The losses take the Gaussian noise `z` as an argument: that is what lets
 `assignment/` pair it with the images before the step. Multistep sampling (Song et al.
 2023, Algorithm 1): x = f(t_0 z, t_0); then for each later time t:
-x <- f(x + sqrt(t^2 - sigma_min^2) z', t).
+x <- f(x + sqrt(t^2 - sigma_min^2) z', t). With `sample.clip_denoised` (the default)
+each step's x is clipped to [-1, 1] before noise is added again, as the OpenAI PyTorch
+sampler does (`karras_sample(clip_denoised=True)`, which clips every denoised output;
+their JAX notebook's multistep sampler clips too, with no option); until 2026-12-06 only
+the last step was clipped here. One-step sampling is the same either way.
 """
 
 from collections.abc import Callable, Sequence
@@ -129,8 +133,10 @@ def consistency_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
 
 
 def sample(apply_fn: ApplyFn, params, cfg: CMConfig, key: jax.Array, shape: tuple[int, ...],
-           ts: Sequence[float], labels: jax.Array | None = None) -> jax.Array:
-    """Draws `shape[0]` images in [-1, 1] with the descending times `ts` (jittable)."""
+           ts: Sequence[float], labels: jax.Array | None = None,
+           clip_denoised: bool = False) -> jax.Array:
+    """Draws `shape[0]` images in [-1, 1] with the descending times `ts` (jittable);
+    `clip_denoised` clips each intermediate x0 to [-1, 1] too."""
     if not ts:
         raise ValueError("sampling needs at least one time")
     if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
@@ -140,6 +146,8 @@ def sample(apply_fn: ApplyFn, params, cfg: CMConfig, key: jax.Array, shape: tupl
     x = ts[0] * jax.random.normal(keys[0], shape)
     x = consistency_fn(apply_fn, params, x, jnp.full((b,), ts[0]), cfg, labels)
     for t, k in zip(ts[1:], keys[1:], strict=True):
+        if clip_denoised:
+            x = jnp.clip(x, -1.0, 1.0)
         noise = jax.random.normal(k, shape)
         x = x + np.sqrt(max(t**2 - cfg.sigma_min**2, 0.0)) * noise
         x = consistency_fn(apply_fn, params, x, jnp.full((b,), t), cfg, labels)
@@ -153,14 +161,17 @@ NAMED_TIMES: dict[str, Callable[[float, float], tuple[float, ...]]] = {
 }
 
 
-def at_times(ts: Sequence[float], name: str | None = None) -> Sampler:
+def at_times(ts: Sequence[float], name: str | None = None, clip_denoised: bool = True,
+             ) -> Sampler:
     """The consistency sampler with the descending times `ts`."""
     ts = tuple(float(t) for t in ts)
+    clip = bool(clip_denoised) if len(ts) > 1 else None  # one step: the same either way
 
     def sample_fn(apply_fn, params, cfg, key, shape, labels):
-        return sample(apply_fn, params, cfg, key, shape, ts, labels)
+        return sample(apply_fn, params, cfg, key, shape, ts, labels, bool(clip))
 
-    return Sampler(name or f"{len(ts)}step", ts, len(ts), None, f"{len(ts)}step", sample_fn)
+    tag = f"{len(ts)}step" + ("_noclip" if clip is False else "")
+    return Sampler(name or f"{len(ts)}step", ts, len(ts), None, tag, sample_fn, clip)
 
 
 class ConsistencySampling(Sampling):
@@ -177,13 +188,14 @@ class ConsistencySampling(Sampling):
                     "runs)" if any(c.isdigit() for c in str(name)[1:]) else "")
             raise ConfigError(f"eval.samplers: {name!r} is not a consistency sampler; "
                               f"expected names from {sorted(NAMED_TIMES)}{hint}")
-        return at_times(NAMED_TIMES[name](cfg.sigma_max, options.two_step_t), name)
+        return at_times(NAMED_TIMES[name](cfg.sigma_max, options.two_step_t), name,
+                        options.clip_denoised)
 
     def for_grid(self, cfg, s):
         return at_times((cfg.sigma_max,))
 
     def for_sample_mode(self, cfg, s):
-        return at_times(s.ts)
+        return at_times(s.ts, clip_denoised=s.clip_denoised)
 
     def usable(self, field, value):
         if field == "eval.samplers":

@@ -36,14 +36,16 @@ class SampleOptions:
     eta: float = 0.0  # DDIM: 0 = deterministic
     skip: str = "uniform"  # DDPM samplers: sub-sequence of timesteps
     two_step_t: float = 0.821  # consistency 2step: the intermediate time
+    clip_denoised: bool = True  # multistep consistency: clip each step's x0 to [-1, 1]
 
     @classmethod
     def of_sample(cls, s: SampleConfig) -> "SampleOptions":
-        return cls(eta=s.eta, skip=s.skip)
+        return cls(eta=s.eta, skip=s.skip, clip_denoised=s.clip_denoised)
 
     @classmethod
-    def of_eval(cls, ev: EvalConfig) -> "SampleOptions":
-        return cls(eta=ev.eta, skip=ev.skip, two_step_t=ev.two_step_t)
+    def of_eval(cls, ev: EvalConfig, s: SampleConfig | None = None) -> "SampleOptions":
+        clip = s.clip_denoised if s is not None else True
+        return cls(eta=ev.eta, skip=ev.skip, two_step_t=ev.two_step_t, clip_denoised=clip)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +56,16 @@ class Sampler:
 
     name: str
     times: tuple[float, ...]
-    nfe: int
+    nfe: int | None  # None: counted per batch (adaptive samplers)
     eta: float | None = None
     tag: str = ""  # file-name tag of `--mode sample`
     sample: SampleFn = dataclasses.field(default=None, compare=False, repr=False)
+    clip_denoised: bool | None = None  # multistep consistency sampling: its clip (recorded)
 
     @property
     def key(self) -> tuple:
         """What makes two samplers the same program (built once per key)."""
-        return (self.name, self.times, self.eta, self.tag)
+        return (self.name, self.times, self.eta, self.tag, self.clip_denoised)
 
 
 # The fields of the `sample` and `eval` sections an objective fills with its own defaults

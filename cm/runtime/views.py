@@ -152,6 +152,7 @@ class ModelConfig(_Section):
     progressive_combine: str
     num_classes: int
     dtype: str
+    remat: bool
 
     def __post_init__(self):
         _one_of("model", "dtype", self.dtype, ("float32", "bfloat16"))
@@ -298,6 +299,7 @@ class TrainingConfig(_Section):
     resume_every: int
     n_grid: int
     steps_per_call: int
+    microbatch: int
     transfer_guard: str
 
     def __post_init__(self):
@@ -308,6 +310,7 @@ class TrainingConfig(_Section):
         _need(self.log_every > 0, "training.log_every must be positive")
         k = self.steps_per_call
         _need(k >= 1, f"training.steps_per_call must be >= 1, got {k}")
+        _need(self.microbatch >= 1, f"training.microbatch must be >= 1, got {self.microbatch}")
         uneven = [name for name in _INTERVALS if getattr(self, name) % k]
         _need(not uneven, f"training.steps_per_call={k}: logs, samples and checkpoints happen "
               f"between calls, so training.{uneven[0] if uneven else ''}="
@@ -347,6 +350,7 @@ class SampleConfig(_Section):
     eta: float
     skip: str
     label: int
+    clip_denoised: bool
 
     def __post_init__(self):
         _need(self.n >= 1, f"sample.n must be >= 1, got {self.n}")
