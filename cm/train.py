@@ -29,6 +29,7 @@ from cm.runtime import (
     logs,
     preemption,
     run_lock,
+    tracking,
     workdir,
 )
 from cm.setup import Setup, check_labels, frozen_inputs
@@ -260,6 +261,7 @@ def _train(cfg: Config, run_dir: str, stop_after: int | None) -> dict:
     run = _start(cfg, run_dir)
     setup, state, step, ckpt = run.setup, run.state, run.start, run.ckpt
     writer = logs.MetricWriter(run_dir, resume_step=step) if is_main else None
+    tracker = tracking.tracker(t.wandb, run_dir, cfg.to_dict()) if is_main else None
     pair = pairing.Pairing(cfg.assignment, t.seed, jax.local_device_count(),
                            jax.process_index(), jax.process_count())
     logging.info("pairing: %s", pair.describe(t.batch_size, jax.device_count()))
@@ -303,6 +305,8 @@ def _train(cfg: Config, run_dir: str, stop_after: int | None) -> dict:
                     if is_main:
                         _log_line(step, m, diagnostics, t.n_iters, eta)
                         writer.write(step, m)
+                        if tracker is not None:
+                            tracker.metrics(step, m)
                     last = {"step": step, **m}
                 if itstime(step, t.snapshot_every, final) or itstime(step, t.resume_every):
                     watch.check()  # never checkpoint a state that saw a NaN
@@ -317,9 +321,13 @@ def _train(cfg: Config, run_dir: str, stop_after: int | None) -> dict:
                     path = _write_grid(setup, ema, step, run_dir)  # all processes
                     if path is not None:
                         logging.info("sample grid: %s", path)
+                        if tracker is not None:
+                            tracker.grid(step, path)
     finally:
         ckpt.wait()  # a failed run still finishes writing its last good checkpoint
         ckpt.close()
         if writer is not None:
             writer.close()
+        if tracker is not None:
+            tracker.close()
     return last

@@ -135,6 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
     # m > 1: gradient accumulation; the paired global batch is cut into m microbatches whose
     # gradients are averaged before one optimiser step (memory: bench/memory.py)
     training.microbatch = 1
+    training.wandb = ""  # a W&B project: log config, metrics, grids and eval rows ('' = off)
     training.transfer_guard = "allow"  # disallow: implicit host<->device copies in the loop fail
 
     # Sampling.

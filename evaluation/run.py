@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from cm import config as config_lib
 from cm.objectives import SampleOptions
-from cm.runtime import checkpoints, workdir
+from cm.runtime import checkpoints, tracking, workdir
 from cm.runtime.views import EvalConfig, view
 from cm.setup import Setup
 from evaluation import features as features_lib
@@ -239,9 +239,12 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
     ev = _eval_settings(saved, config)
     data_cfg = saved.data
     ckpt = checkpoints.Checkpointer(run_dir)
+    tracker = None
     try:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {run_dir}: train first")
+        if jax.process_index() == 0:  # the training run's W&B run, when it has one
+            tracker = tracking.tracker(saved.training.wandb, run_dir, saved.to_dict())
         steps = select_steps(ev.steps, ckpt.snapshot_steps(),
                              list(ckpt.snapshots.all_steps()) + list(ckpt.resume.all_steps()))
         setup = Setup(saved)
@@ -296,6 +299,8 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
                     return rows
                 row["ema"] = float(saved.training.ema_rates[saved.sample.ema_index])
                 append_row(run_dir, row)
+                if tracker is not None:
+                    tracker.eval_row(row)
                 progress.remove()
                 done[keys[s]] = row
                 rows.append(row)
@@ -304,6 +309,8 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
         return rows
     finally:
         ckpt.close()
+        if tracker is not None:
+            tracker.close()
 
 
 def _restore_planned(ckpt: checkpoints.Checkpointer, abstract_state, step: int):

@@ -29,8 +29,8 @@ OVERRIDES = {
     "training.snapshot_every": 2,
     "training.batch_size": 8,  # 2 rows per device: 4 devices either way
     "data.random_flip": True,  # flips and noise must not depend on the process count
-    "assignment.method": "linear",  # per host, within each device's shard
-    "assignment.scope": "device",
+    "assignment.method": "linear",  # one pairing of the whole global batch, every process
+    "assignment.scope": "global",   # (the CIFAR-10 configs' default, the paper's setting)
 }
 
 # Trains (or resumes) `run_dir`, as main.py would after its flags.
@@ -144,8 +144,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
 
     ref, got = metrics(one), metrics(two)
     assert [r["step"] for r in got] == [1, 2, 3, 4]  # process 0 alone wrote them, once
-    # Assignment runs per host on the same device shards either way; its mean distances
-    # are averaged over hosts ("reduction", a ratio, is the mean of the hosts' ratios).
+    # Every process pairs the same global batch (scope=global); its mean distances are
+    # averaged over hosts ("reduction", a ratio, is the mean of the hosts' ratios).
     keys = ["loss", "distance", "grad_norm"] + [
         k for k in ("distance_before", "distance_after") if k in ref[0]]
     for key in keys:
@@ -241,3 +241,38 @@ def test_cluster_detection_from_environment():
     assert not distributed.initialize(distributed.DistributedConfig(mode="off"))
     if detect() is None:  # not itself inside a cluster job
         assert not distributed.initialize(distributed.DistributedConfig(mode="auto"))
+
+
+def _paired_rows(scope: str, method: str, processes: int, steps: int = 3) -> list[np.ndarray]:
+    """The noise each step's global batch trains with, assembled from every (simulated)
+    process's rows: the pairing stage of each process, in process order."""
+    from cm import config as config_lib
+    from cm import pairing
+
+    a = config_lib.build(tiny_config(**{"assignment.method": method,
+                                        "assignment.scope": scope})).assignment
+    images = data.load_digits(8)
+    out = [[] for _ in range(steps)]
+    for p in range(processes):
+        batcher = data.Batcher(images, 16, 3, p, processes, random_flip=True)
+        stage = pairing.Pairing(a, 3, 4 // processes, p, processes)
+        with stage.inputs(batcher, 0, place=lambda arrays: arrays) as items:
+            for step in range(steps):
+                out[step].append(next(items)["batch"]["z"])
+    return [np.concatenate(rows) for rows in out]
+
+
+@pytest.mark.parametrize("method", ["linear", "knn"])
+def test_global_scope_pairs_the_same_way_on_any_process_layout(method):
+    """scope=global: 2 processes x 2 devices take exactly the rows 1 process x 4 devices
+    trains with (each process pairs the whole global batch and keeps its rows; knn draws
+    as process 0), and they differ from scope=device's (four problems of 4 rows)."""
+    one = _paired_rows("global", method, 1)
+    two = _paired_rows("global", method, 2)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if method == "linear":
+        device = _paired_rows("device", method, 1)
+        assert all(not np.array_equal(a, d) for a, d in zip(one, device, strict=True))
+        host = _paired_rows("host", method, 2)  # each host its half: not the global pairing
+        assert any(not np.array_equal(a, h) for a, h in zip(one, host, strict=True))

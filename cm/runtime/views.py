@@ -300,6 +300,7 @@ class TrainingConfig(_Section):
     n_grid: int
     steps_per_call: int
     microbatch: int
+    wandb: str
     transfer_guard: str
 
     def __post_init__(self):
