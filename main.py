@@ -39,11 +39,12 @@ FLAGS = flags.FLAGS
 
 def modes() -> dict:
     """Every mode is `fn(config, workdir)`."""
-    from cm import sample_run, train
+    from cm import autoencoder_train, latent, sample_run, train
     from evaluation import run as eval_run
 
     return {"train": train.train, "sample": sample_run.sample, "eval": eval_run.evaluate,
-            "fid_stats": eval_run.reference_stats}
+            "fid_stats": eval_run.reference_stats, "encode": latent.encode,
+            "train_ae": autoencoder_train.train_autoencoder}
 
 
 def main(argv):

@@ -27,6 +27,7 @@ from cm.runtime.views import (
     ConfigError,
     DataConfig,
     EvalConfig,
+    LatentConfig,
     ModelConfig,
     OptimConfig,
     SampleConfig,
@@ -49,6 +50,7 @@ class Config:
     optim: OptimConfig
     training: TrainingConfig
     sample: SampleConfig
+    latent: LatentConfig
     eval: EvalConfig
     objective: Objective = dataclasses.field(compare=False)
     notes: tuple[str, ...] = ()  # what `build` filled in or found unused (logged)
@@ -60,6 +62,14 @@ class Config:
         for extra in ("total_steps", "lpips_dtype"):  # other sections' values
             out["cm"].pop(extra)
         return out
+
+    @property
+    def net_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) the network sees: the images, or their latents in latent training."""
+        d, lt = self.data, self.latent
+        if lt.enabled:
+            return (d.image_size // lt.factor, d.image_size // lt.factor, lt.channels)
+        return (d.image_size, d.image_size, d.num_channels)
 
     def log_notes(self) -> None:
         for line in self.notes:
@@ -125,6 +135,12 @@ def build(config: Any) -> Config:
     notes += _unused_fields(cm, objective)
     if cm.metric == "lpips" and not objective.reads_metric:
         notes.append(f"cm.metric=lpips is ignored: cm.loss={objective.name} has its own loss")
+    if v["latent"].enabled and v["data"].image_size % v["latent"].factor:
+        raise ConfigError(f"data.image_size={v['data'].image_size} is not a multiple of "
+                          f"latent.factor={v['latent'].factor}")
+    if objective.uses_lpips(cm) and v["latent"].enabled:
+        raise ConfigError("cm.metric=lpips compares images, not latents: use pseudo_huber "
+                          "for latent training")
     if objective.uses_lpips(cm):
         if v["data"].num_channels != 3:
             raise ConfigError(f"cm.metric=lpips needs RGB images; data.num_channels="
@@ -151,7 +167,7 @@ def for_training(config: Any) -> Config:
     cfg = build(config)
     if cfg.trainable:
         return cfg
-    t, a, d = cfg.training, cfg.assignment, cfg.data
+    t, a = cfg.training, cfg.assignment
     n_dev = jax.device_count()
     if t.batch_size % n_dev:
         raise ConfigError(f"training.batch_size={t.batch_size} must be a positive multiple "
@@ -161,7 +177,7 @@ def for_training(config: Any) -> Config:
                           f"{t.batch_size // n_dev} rows must split into {t.microbatch} equal "
                           "microbatches")
     on_host = a.where == "host"
+    s0, s1, c = cfg.net_shape
     pairing.check_knn_memory(  # rows paired at once: the host's, or a device's
-        a, t.batch_size // (jax.process_count() if on_host else n_dev),
-        d.image_size ** 2 * d.num_channels)
+        a, t.batch_size // (jax.process_count() if on_host else n_dev), s0 * s1 * c)
     return dataclasses.replace(cfg, trainable=True)

@@ -316,7 +316,7 @@ class Pairing:
         if self.scope == "global" and self.process_count > 1 and self.device_fn is None:
             host = batcher
             batcher = Batcher(host.images, host.global_batch, host.seed, 0, 1,
-                              host.random_flip, labels=host.labels)
+                              host.random_flip, labels=host.labels, flipped=host.flipped)
             rows = slice(host.row_start, host.row_start + host.host_batch)
 
         def paired(group: list[dict], index: int) -> dict:

@@ -20,7 +20,8 @@ from cm.runtime.views import CMConfig
 
 
 def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
-                 image_shape: tuple[int, int, int], spec: Sampler, num_classes: int = 0):
+                 image_shape: tuple[int, int, int], spec: Sampler, num_classes: int = 0,
+                 decoder=None):
     """Jitted `sampler(params, key, batch_size, labels=None) -> uint8 [B,H,W,C]` over the mesh.
 
     `spec` is the objective's sampler (e.g. `1step`, `heun18`, `dopri5`). For a
@@ -28,18 +29,24 @@ def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
     it the classes are drawn uniformly from `key` (what class-conditional FID against the
     whole training set needs). `sampler.with_nfe(...)` returns `(images, network calls
     per image)`: the spec's count, or, for an adaptive sampler (`spec.nfe` None), the
-    count of this batch.
+    count of this batch. `decoder` = (decode(variables, x) -> images in [-1, 1], its
+    variables): latent training's autoencoder, applied to the samples in the same program
+    (its variables an argument, not constants baked into it).
     """
     sample_fn = spec.sample
     out_sharding = (NamedSharding(mesh, P("data")), NamedSharding(mesh, P()))
 
+    decode, dec_vars = decoder if decoder is not None else (None, None)
+
     @functools.partial(jax.jit, static_argnums=(2,), out_shardings=out_sharding)
-    def _run(params, key, batch_size, labels):
+    def _run(params, key, batch_size, labels, dec_vars):
         if num_classes > 0 and labels is None:
             key, label_key = jax.random.split(key)
             labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
         out = sample_fn(apply_fn, params, cfg, key, (batch_size,) + image_shape, labels)
         x, nfe = out if spec.nfe is None else (out, spec.nfe)
+        if decode is not None:
+            x = decode(dec_vars, x)
         images = jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
         return images, jnp.asarray(nfe, jnp.float32)
 
@@ -48,7 +55,7 @@ def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
             if num_classes <= 0:
                 raise ValueError("labels given to an unconditional model")
             labels = jnp.asarray(labels, jnp.int32)
-        return _run(params, key, batch_size, labels)
+        return _run(params, key, batch_size, labels, dec_vars)
 
     def sampler(params, key, batch_size: int, labels=None):
         return with_nfe(params, key, batch_size, labels)[0]

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cm import config as config_lib
-from cm import nets, optim, sampling, train_step
+from cm import latent, nets, optim, sampling, train_step
 from cm.data import DatasetError
 from cm.nets import lpips
 from cm.objectives import SampleOptions, Sampler
@@ -34,8 +34,7 @@ class Setup:
         self.module = nets.build_model(config)
         self.apply_fn = nets.make_apply_fn(self.module)
         self.tx = optim.make_optimizer(config.optim, config.training.n_iters)
-        s, c = config.data.image_size, config.data.num_channels
-        self.image_shape = (s, s, c)
+        self.image_shape = config.net_shape  # the images, or their latents
         key = jax.random.PRNGKey(config.training.seed)
         self.replicated = NamedSharding(self.mesh, P())
         # Arguments of the compiled programs, never constants in them (the seed does not
@@ -65,7 +64,7 @@ class Setup:
         if spec.key not in self._samplers:
             self._samplers[spec.key] = sampling.make_sampler(
                 self.apply_fn, self.cm, self.mesh, self.image_shape, spec,
-                self.config.model.num_classes)
+                self.config.model.num_classes, decoder=latent.decoder(self.config))
         return self._samplers[spec.key]
 
     def named_sampler(self, name: str, options: SampleOptions = SampleOptions()) -> Sampler:

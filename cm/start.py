@@ -14,7 +14,7 @@ from typing import Any
 from absl import logging
 
 EXIT_USAGE = 2  # the command, its config or its workdir is wrong; nothing was done
-MODES = ("train", "sample", "eval", "fid_stats")
+MODES = ("train", "sample", "eval", "fid_stats", "encode", "train_ae")
 
 
 def user_errors() -> dict[type[Exception], int]:
@@ -79,7 +79,7 @@ def _refuse_early(mode: str, config: Any, run_dir: str) -> Any:
     from cm import train
     from cm.runtime import run_lock, workdir
 
-    if mode in ("train", "fid_stats") and config is None:
+    if mode in ("train", "fid_stats", "encode", "train_ae") and config is None:
         raise config_lib.ConfigError(f"--config is required for --mode {mode}")
     if mode == "train":
         config = config_lib.for_training(config)

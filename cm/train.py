@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from cm import config as config_lib
-from cm import data, init_from, nets, objectives, optim, pairing, sampling, train_step
+from cm import data, init_from, latent, nets, objectives, optim, pairing, sampling, train_step
 from cm.config import Config, ConfigError
 from cm.runtime import (
     checkpoints,
@@ -142,7 +142,12 @@ def _start(cfg: Config, run_dir: str) -> _Run:
     changed = check_compatible(run_dir, cfg)  # raises before anything is written
     check_not_past_end(run_dir, cfg.training.n_iters)  # so does this
     saved = workdir.saved_dict(run_dir)
-    images, labels = data.load_dataset(cfg.data)
+    flipped = None
+    if cfg.latent.enabled:  # the latent store is the dataset (cm.latent)
+        store = latent.training_data(cfg, run_dir)
+        images, labels, flipped = store.latents, store.labels, store.flipped
+    else:
+        images, labels = data.load_dataset(cfg.data)
     labels = check_labels(cfg, labels)
     setup = Setup(cfg)
     frozen, teacher_apply = frozen_inputs(setup)  # missing weights fail early
@@ -179,7 +184,8 @@ def _start(cfg: Config, run_dir: str) -> _Run:
             workdir.record_changes(run_dir, start, saved, cfg)
         workdir.write_config(run_dir, cfg)
     batcher = data.Batcher(images, t.batch_size, t.seed, jax.process_index(),
-                           jax.process_count(), cfg.data.random_flip, labels=labels)
+                           jax.process_count(), cfg.data.random_flip, labels=labels,
+                           flipped=flipped)
     logging.info("evaluation EMA rates: %s", ", ".join(f"{r:.6g}" for r in t.rates))
     logging.info("dataset %s: %d images of shape %s; global batch %d over %d devices "
                  "(%d processes, %d rows here)", cfg.data.name, len(images), images.shape[1:],
@@ -238,7 +244,7 @@ def _write_grid(setup: Setup, params, step: int, run_dir: str) -> str | None:
         return None
     os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     path = os.path.join(run_dir, "samples", f"step_{step:08d}.png")
-    upscale = max(1, 64 // setup.image_shape[0])
+    upscale = max(1, 64 // images.shape[1])
     sampling.save_grid(images[: setup.config.training.n_grid], path, upscale=upscale)
     return path
 

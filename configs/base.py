@@ -154,6 +154,23 @@ def get_config() -> ml_collections.ConfigDict:
     # before re-noising, as the OpenAI sampler does (False: the last step only)
     sample.clip_denoised = True
 
+    # Latent training: an autoencoder encodes the dataset once into a latent store, the
+    # store is the dataset, samples are decoded before grids and evaluation (docs/latent.md).
+    latent = config.latent = ml_collections.ConfigDict()
+    # '' = pixel space; a folder in diffusers' layout (config.json + .safetensors), a hub id
+    # (stabilityai/sd-vae-ft-mse), or the workdir of a --mode train_ae run
+    latent.autoencoder = ""
+    latent.factor = 8  # the autoencoder's downsampling (checked against it when loaded)
+    latent.channels = 4  # its latent channels (checked)
+    latent.store = ""  # the latent store's folder ('' = <workdir>/latents)
+    latent.posterior = "mean"  # the store holds the posterior mean | a seeded sample
+    latent.encode_batch = 256  # images per encoder call (and per store chunk x 4)
+    # --mode train_ae: the autoencoder itself (data, optim, training as for any run)
+    latent.ae_channels = (32, 64, 64)  # block_out_channels: one halving per block but the last
+    latent.ae_layers = 1  # layers_per_block
+    latent.ae_groups = 8  # GroupNorm groups
+    latent.kl_weight = 1e-6  # LDM's KL weight (its f4 / f8 KL autoencoders)
+
     # Evaluation (FID / IS, see evaluation/).
     ev = config.eval = ml_collections.ConfigDict()
     ev.n_samples = 50_000
@@ -188,6 +205,7 @@ def with_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collectio
 
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrinks any config to a seconds-long CPU smoke run (big_vision's runlocal)."""
+    config.latent.encode_batch = min(config.latent.encode_batch, 8)
     config.model.nf = 16
     config.model.ch_mult = (1, 2)
     config.model.num_res_blocks = 1

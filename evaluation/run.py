@@ -23,6 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from cm import config as config_lib
+from cm import data
 from cm.objectives import SampleOptions
 from cm.runtime import checkpoints, tracking, workdir
 from cm.runtime.views import EvalConfig, view
@@ -254,6 +255,10 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
                                                ev.cache_dir)
         ref = features_lib.ensure_reference(data_cfg, feats, ref_path,
                                             chunk=max(ev.batch_size, 1000))
+        if saved.latent.enabled:  # the autoencoder's own floor, once per store
+            row = reconstruction_row(saved, run_dir, feats, ref, ev.n_samples, batch)
+            if row is not None and tracker is not None:
+                tracker.eval_row(row)
         options = SampleOptions.of_eval(ev, saved.sample)
         specs = {s: setup.named_sampler(s, options) for s in ev.samplers}
         samplers = {s: setup.sampler(spec) for s, spec in specs.items()}
@@ -311,6 +316,44 @@ def evaluate(config: Any, run_dir: str, *, max_rounds: int | None = None) -> lis
         ckpt.close()
         if tracker is not None:
             tracker.close()
+
+
+def reconstruction_row(saved: config_lib.Config, run_dir: str, feats: features_lib.Features,
+                       ref: fid.FeatureStats, n: int, batch: int) -> dict | None:
+    """The latent run's autoencoder's reconstruction distance (real -> encode -> decode, the
+    posterior mean) of `n` training images against the reference: the floor no latent model
+    can go below. Computed once per store and sample count (kept in its manifest and in
+    `eval.jsonl` as sampler `reconstruction`, step 0); None if already there."""
+    from cm import latent
+    from cm.data import latents as store_lib
+
+    folder = latent.store_dir(saved, run_dir)
+    manifest = store_lib.read_manifest(folder) or {}
+    key = f"reconstruction_{feats.metric}_{feats.tag}_n{n}"
+    done = {row_key(r) for r in read_results(run_dir)}
+    row = {"step": 0, "sampler": "reconstruction", "ts": [], "nfe": 0, "n": n,
+           "metric": feats.metric, feats.metric: manifest.get(key), "is": None,
+           "is_std": None}
+    if manifest.get(key) is not None and row_key(row) in done:
+        return None
+    if manifest.get(key) is None:
+        ae = latent.autoencoder(saved)
+        images, _ = data.load_dataset(saved.data)
+        rows = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
+        stats = fid.RunningStats(feats.dim)
+        for lo in range(0, n, batch):
+            x = np.asarray(images[rows[lo:lo + batch]], np.float32) / 127.5 - 1.0
+            rec = np.asarray(ae.decode(ae.encode(x)[0]))
+            f, _ = feats.extract(np.clip(np.round((rec + 1.0) * 127.5), 0, 255).astype(
+                np.uint8))
+            stats.update(f)
+        row[feats.metric] = fid.frechet_distance(stats.mean, stats.cov, ref.mu, ref.sigma)
+        if jax.process_index() == 0 and os.path.isdir(folder):
+            store_lib.update_manifest(folder, **{key: row[feats.metric]})
+    append_row(run_dir, row)
+    logging.info("autoencoder reconstruction (%d images): %s=%.4f, the floor of this latent "
+                 "run", n, feats.metric, row[feats.metric])
+    return row
 
 
 def _restore_planned(ckpt: checkpoints.Checkpointer, abstract_state, step: int):

@@ -24,8 +24,9 @@ CM_FLOOR = {
     "cm.data": 1, "cm.nets": 1,
     "cm.schedules": 2, "cm.objectives": 2,
     "cm.optim": 3, "cm.pairing": 3, "cm.sampling": 3, "cm.train_step": 3, "cm.config": 3,
+    "cm.latent": 3,
     "cm.setup": 4, "cm.init_from": 4,
-    "cm.train": 5, "cm.sample_run": 5, "cm.start": 5, "cm": 5,
+    "cm.train": 5, "cm.sample_run": 5, "cm.start": 5, "cm.autoencoder_train": 5, "cm": 5,
 }
 # Edges the parser must find, or it is not reading the tree (a parser that returns no
 # imports would pass every other check).

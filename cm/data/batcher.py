@@ -26,7 +26,7 @@ class Batcher:
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1, random_flip: bool = True,
-                 labels: np.ndarray | None = None):
+                 labels: np.ndarray | None = None, flipped: np.ndarray | None = None):
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images")
         if global_batch % process_count:
@@ -34,7 +34,10 @@ class Batcher:
                              f"{process_count} processes")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-        self.images = images  # uint8 [N, H, W, C]
+        # uint8 images [N, H, W, C] (scaled to [-1, 1] here), or float latents used as they
+        # are; `flipped`: the latents of the mirrored images (a latent is not mirrored).
+        self.images = images
+        self.flipped = flipped
         # [N] int32; a streamed dataset's labels (cm.data.streaming.LazyLabels) stay lazy.
         self.labels = np.asarray(labels, np.int32) if isinstance(labels, np.ndarray | list) \
             else labels
@@ -106,13 +109,18 @@ class Batcher:
         return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """Host batch: images `x` float32 in [-1, 1] and noise `z`, both `[B_host,H,W,C]`,
-        and `label` int32 `[B_host]` when the dataset has labels."""
+        """Host batch: images `x` float32 in [-1, 1] (or latents) and noise `z`, both
+        `[B_host,H,W,C]`, and `label` int32 `[B_host]` when the dataset has labels."""
         idx = self.indices(step)
-        x = self.images[idx].astype(np.float32) / 127.5 - 1.0
+        rows = self.images[idx]
+        x = (rows.astype(np.float32) / 127.5 - 1.0 if rows.dtype == np.uint8
+             else np.array(rows, np.float32))
         if self.random_flip:
             flip = self.flips(step)
-            x[flip] = x[flip, :, ::-1]
+            if self.flipped is not None:
+                x[flip] = self.flipped[idx[flip]]
+            else:
+                x[flip] = x[flip, :, ::-1]
         z = self.noise(step, x.shape[1:])
         if self.labels is None:
             return {"x": x, "z": z}

@@ -19,8 +19,8 @@ PyTree = Any
 
 
 def _build_ncsnpp(config: ml_collections.ConfigDict) -> nn.Module:
-    cfg = ncsnpp.NCSNppConfig.from_config(config.model, config.data.image_size,
-                                          config.data.num_channels)
+    size, _, channels = net_shape(config)
+    cfg = ncsnpp.NCSNppConfig.from_config(config.model, size, channels)
     return ncsnpp.NCSNpp(config=cfg)
 
 
@@ -28,6 +28,15 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     "ncsnpp": _build_ncsnpp,
     "ddpm_unet": ddpm_unet.build,  # DDPM's CIFAR-10 U-Net (cm.loss=ddpm configs)
 }
+
+
+def net_shape(config) -> tuple[int, int, int]:
+    """(H, W, C) of the network's inputs: `cm.config.Config.net_shape` (latents in latent
+    training), or the data's for a raw `ConfigDict`."""
+    if hasattr(config, "net_shape"):
+        return config.net_shape
+    s, c = config.data.image_size, config.data.num_channels
+    return (s, s, c)
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
@@ -49,8 +58,7 @@ def make_apply_fn(module: nn.Module):
 
 def init_params(module: nn.Module, key: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
     """Initial parameters for one example of the configured image shape."""
-    s, c = config.data.image_size, config.data.num_channels
-    x = jnp.zeros((1, s, s, c), jnp.float32)
+    x = jnp.zeros((1, *net_shape(config)), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if config.model.num_classes > 0 else None
     return module.init({"params": key}, x, t, labels, train=False)["params"]

@@ -56,7 +56,9 @@ class UNetConfig:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> "UNetConfig":
         m = config.model
-        return cls(image_size=config.data.image_size, num_channels=config.data.num_channels,
+        size, _, channels = getattr(config, "net_shape", None) or (
+            config.data.image_size, config.data.image_size, config.data.num_channels)
+        return cls(image_size=size, num_channels=channels,
                    nf=m.nf, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                    attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                    resamp_with_conv=m.resamp_with_conv, num_classes=m.num_classes,

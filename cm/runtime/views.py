@@ -1,4 +1,4 @@
-"""Typed, frozen views of the eight config sections, with their defaults read from base.
+"""Typed, frozen views of the nine config sections, with their defaults read from base.
 
 `configs/base.py` is the only place a default lives: each view's field defaults are
 read from `base.get_config()` when this module is imported, and a field that is in one
@@ -359,6 +359,37 @@ class SampleConfig(_Section):
         _need(self.steps >= 1, f"sampling steps must be >= 1, got {self.steps}")
 
 
+POSTERIORS = ("mean", "sample")
+
+
+@section("latent")
+class LatentConfig(_Section):
+    autoencoder: str
+    factor: int
+    channels: int
+    store: str
+    posterior: str
+    encode_batch: int
+    ae_channels: tuple
+    ae_layers: int
+    ae_groups: int
+    kl_weight: float
+
+    def __post_init__(self):
+        _one_of("latent", "posterior", self.posterior, POSTERIORS)
+        _need(self.factor >= 1 and self.channels >= 1,
+              "latent.factor and latent.channels must be positive")
+        _need(self.encode_batch >= 1, "latent.encode_batch must be positive")
+        _need(bool(self.ae_channels) and all(c % self.ae_groups == 0 for c in self.ae_channels),
+              f"latent.ae_groups={self.ae_groups} must divide every latent.ae_channels "
+              f"{self.ae_channels}")
+        _need(self.kl_weight >= 0, "latent.kl_weight must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.autoencoder)
+
+
 @section("eval")
 class EvalConfig(_Section):
     n_samples: int
@@ -384,4 +415,4 @@ class EvalConfig(_Section):
 
 SECTIONS: dict[str, type] = {cls.section: cls for cls in (
     DataConfig, ModelConfig, CMConfig, AssignmentConfig, OptimConfig, TrainingConfig,
-    SampleConfig, EvalConfig)}
+    SampleConfig, LatentConfig, EvalConfig)}

@@ -1,0 +1,139 @@
+"""Latent training end to end on the digits: train a tiny autoencoder (`--mode train_ae`),
+reload it from its diffusers-layout folder, encode the dataset into a store (resumable,
+refused when it does not match), train on the latents with pairing on them, and evaluate
+in pixels with the autoencoder's reconstruction floor."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cm import autoencoder_train, latent, train
+from cm import config as config_lib
+from cm.data import Batcher, DatasetError, latents
+from cm.nets import load_autoencoder
+from tests.helpers import tiny_config
+
+AE = {"latent.ae_channels": (8, 16), "latent.ae_groups": 4, "latent.factor": 2,
+      "latent.channels": 3, "training.n_iters": 4, "training.batch_size": 16,
+      "training.snapshot_every": 4, "training.log_every": 2, "optim.lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def trained_ae(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("ae"))
+    last = autoencoder_train.train_autoencoder(tiny_config(**AE), run_dir)
+    return run_dir, last
+
+
+def test_the_autoencoder_trains_and_reloads_from_its_diffusers_folder(trained_ae):
+    run_dir, last = trained_ae
+    assert last["step"] == 4 and np.isfinite(last["loss"]) and last["scaling_factor"] > 0
+    folder = os.path.join(run_dir, "autoencoder")
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert cfg["block_out_channels"] == [8, 16] and cfg["latent_channels"] == 3
+    ae = load_autoencoder(folder)
+    assert (ae.downsample_factor, ae.latent_channels) == (2, 3)
+    assert ae.scaling_factor == pytest.approx(last["scaling_factor"])
+    # The reloaded weights compute what the trained module computes.
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype(np.float32)
+    arch = autoencoder_train.ae_config(config_lib.build(tiny_config(**AE)))
+    from cm.nets.autoencoder import AutoencoderKL
+    from cm.runtime import checkpoints
+
+    ckpt = checkpoints.Checkpointer(run_dir)
+    assert ckpt.latest_step() == 4
+    ckpt.close()
+    mean, _ = ae.encode(x)
+    again = AutoencoderKL(arch).apply(ae.variables, x, method=AutoencoderKL.encode)[0]
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(again), rtol=1e-5, atol=1e-5)
+    assert latent.autoencoder_source(run_dir) == folder
+
+
+def _latent_config(ae_dir, store, **extra):
+    return tiny_config(**{"latent.autoencoder": ae_dir, "latent.factor": 2,
+                          "latent.channels": 3, "latent.store": store,
+                          "latent.encode_batch": 64, "assignment.method": "knn",
+                          "assignment.k": 8, "training.n_iters": 2,
+                          "training.snapshot_every": 2, "training.sample_every": 2, **extra})
+
+
+def test_encode_train_and_evaluate_on_latents(trained_ae, tmp_path):
+    ae_dir, _ = trained_ae
+    store = str(tmp_path / "store")
+    config = _latent_config(ae_dir, store)
+    cfg = config_lib.build(config)
+    assert cfg.net_shape == (4, 4, 3)
+    with pytest.raises(DatasetError, match="--mode encode"):
+        train.train(config, str(tmp_path / "early"))
+    latent.encode(config, str(tmp_path / "run"))
+    manifest = latents.read_manifest(store)
+    assert manifest["complete"] and manifest["count"] == 1797 and not manifest["flips"]
+    # Killed half way: the missing chunk is encoded again, to the same values.
+    chunk = os.path.join(store, "chunks", "latents_00002.npy")
+    before = np.load(chunk)
+    os.remove(chunk)
+    latent.encode(config, str(tmp_path / "run"))
+    np.testing.assert_array_equal(np.load(chunk), before)
+    # The store is the scaled posterior mean of the images.
+    ae = load_autoencoder(os.path.join(ae_dir, "autoencoder"))
+    from cm import data
+
+    images, labels = data.load_dataset(cfg.data)
+    stored = latents.open_store(store, ae.digest, cfg.data)
+    mean, _ = ae.encode(images[:4].astype(np.float32) / 127.5 - 1)
+    np.testing.assert_allclose(stored.latents[:4], ae.scaling_factor * np.asarray(mean),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stored.labels, labels)
+    # Another autoencoder's digest, or other data, is refused.
+    with pytest.raises(latents.StoreMismatchError, match="another autoencoder"):
+        latents.open_store(store, "0" * 64, cfg.data)
+    with pytest.raises(latents.StoreMismatchError, match="data.split"):
+        latents.open_store(store, ae.digest, cfg.data.replace(split="test"))
+
+    run_dir = str(tmp_path / "run")
+    last = train.train(config, run_dir)
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    assert last["distance_after"] < last["distance_before"]  # knn paired noise with latents
+    from PIL import Image
+
+    grid = Image.open(os.path.join(run_dir, "samples", "step_00000002.png"))
+    assert grid.size[0] > 8 * 8  # decoded 8x8 images (upscaled), not 4x4 latents
+    from evaluation import run as eval_run
+
+    ev = _latent_config(ae_dir, store, **{"eval.samplers": ("1step",), "eval.n_samples": 32,
+                                          "eval.batch_size": 16,
+                                          "eval.stats_path": str(tmp_path / "ref.npz")})
+    rows = eval_run.evaluate(ev, run_dir)
+    results = eval_run.read_results(run_dir)
+    recon = [r for r in results if r["sampler"] == "reconstruction"]
+    assert len(recon) == 1 and np.isfinite(recon[0]["fd_pixels"])
+    assert rows[0]["sampler"] == "1step" and rows[0]["fd_pixels"] > recon[0]["fd_pixels"]
+    eval_run.evaluate(ev, run_dir)
+    assert len([r for r in eval_run.read_results(run_dir)
+                if r["sampler"] == "reconstruction"]) == 1  # once per store
+
+
+def test_flipped_rows_train_on_the_encodings_of_the_mirrored_images(trained_ae, tmp_path):
+    ae_dir, _ = trained_ae
+    store = str(tmp_path / "store")
+    config = _latent_config(ae_dir, store, **{"data.random_flip": True})
+    latent.encode(config, str(tmp_path / "run"))
+    cfg = config_lib.build(config)
+    ae = load_autoencoder(os.path.join(ae_dir, "autoencoder"))
+    stored = latents.open_store(store, ae.digest, cfg.data)
+    from cm import data
+
+    images, _ = data.load_dataset(cfg.data)
+    mirrored, _ = ae.encode(images[:3, :, ::-1].astype(np.float32) / 127.5 - 1)
+    np.testing.assert_allclose(stored.flipped[:3], ae.scaling_factor * np.asarray(mirrored),
+                               rtol=1e-5, atol=1e-6)
+    batcher = Batcher(stored.latents, 16, 0, random_flip=True, flipped=stored.flipped)
+    flips, idx = batcher.flips(0), batcher.indices(0)
+    x = batcher.batch(0)["x"]
+    assert flips.any() and (~flips).any()
+    np.testing.assert_array_equal(x[flips], stored.flipped[idx[flips]])
+    np.testing.assert_array_equal(x[~flips], stored.latents[idx[~flips]])
+    jax.effects_barrier()
