@@ -40,3 +40,19 @@ def get_config(arg: str | None = None):
     config.training.resume_every = 500
     config.eval.features = "fashion"
     return base.with_arg(config, arg)
+
+
+def on_latents(config):
+    """Makes a Fashion-MNIST config train on this autoencoder's 8x8x4 latents (the store of
+    runs/fashion_ae), with a small network for them: shared by fashion_latent_*.py."""
+    config.data.image_size = 32  # the autoencoder's images: 28x28 padded
+    config.latent.autoencoder = "runs/fashion_ae"
+    config.latent.factor = 4
+    config.latent.channels = 4
+    config.model.nf = 32
+    config.model.ch_mult = (1, 2)
+    config.model.attn_resolutions = (4,)
+    config.assignment.scope = "host"  # the whole batch, as the authors pair on one GPU
+    config.eval.n_samples = 2000
+    return config
+

@@ -13,18 +13,10 @@ own). The sweep's couplings: none, linear, knn with k = 64 (the authors' SD sett
 k = 4, pairing the noise with the latents over the whole batch.
 """
 
-from configs import base, fashion_ddpm
+from configs import base, fashion_ae, fashion_ddpm
 
 
 def get_config(arg: str | None = None):
     config = fashion_ddpm.get_config()
-    config.data.image_size = 32  # the autoencoder's images: 28x28 padded
-    config.latent.autoencoder = "runs/fashion_ae"
-    config.latent.factor = 4
-    config.latent.channels = 4
-    config.model.nf = 32
-    config.model.ch_mult = (1, 2)
-    config.model.attn_resolutions = (4,)
-    config.assignment.scope = "host"
-    config.eval.n_samples = 2000
+    fashion_ae.on_latents(config)
     return base.with_arg(config, arg)

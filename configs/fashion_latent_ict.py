@@ -7,18 +7,10 @@ steps) with an NCSN++ of nf 32, ch_mult (1, 2), attention at 4x4, on the latents
 decoded by the autoencoder, `fd_fashion` of 2,000 one- and two-step samples.
 """
 
-from configs import base, fashion_ict
+from configs import base, fashion_ae, fashion_ict
 
 
 def get_config(arg: str | None = None):
     config = fashion_ict.get_config()
-    config.data.image_size = 32
-    config.latent.autoencoder = "runs/fashion_ae"
-    config.latent.factor = 4
-    config.latent.channels = 4
-    config.model.nf = 32
-    config.model.ch_mult = (1, 2)
-    config.model.attn_resolutions = (4,)
-    config.assignment.scope = "host"
-    config.eval.n_samples = 2000
+    fashion_ae.on_latents(config)
     return base.with_arg(config, arg)
