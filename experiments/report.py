@@ -428,6 +428,53 @@ def table(curves: dict[str, dict[int, Curve]]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(vanilla: dict[int, Curve], arm: dict[int, Curve],
+                       ) -> list[tuple[float, dict[int, float], float | None]]:
+    """Per step both arms evaluated, the arm's value minus vanilla's for every seed that
+    both have there, and the paired t statistic of those differences (mean / (sd /
+    sqrt(n)), sd with ddof 1; None for fewer than two pairs or no spread).
+
+    Seeds are paired by number: the same initialisation, data order and drawn noise.
+    Returns [(step, {seed: difference}, t)] in step order, only steps with a pair.
+    """
+    steps = sorted({float(s) for c in vanilla.values() for s in c.steps})
+    out = []
+    for s in steps:
+        diffs = {}
+        for seed in sorted(set(vanilla) & set(arm)):
+            v, a = vanilla[seed], arm[seed]
+            if s in v.steps and s in a.steps:
+                diffs[seed] = float(a.values[a.steps == s][0] - v.values[v.steps == s][0])
+        if not diffs:
+            continue
+        d = np.array(list(diffs.values()))
+        sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+        t = float(np.mean(d) / (sd / np.sqrt(len(d)))) if sd > 0 else None
+        out.append((s, diffs, t))
+    return out
+
+
+def paired_table(curves: dict[str, dict[int, Curve]], baseline: str) -> str:
+    """Markdown: per step, each arm's per-seed difference from vanilla and its paired t."""
+    others = [a for a in curves if a != baseline]
+    per_arm = {a: {s: (d, t) for s, d, t in paired_differences(curves[baseline], curves[a])}
+               for a in others}
+    steps = sorted({s for a in others for s in per_arm[a]})
+    lines = ["| step | " + " | ".join(f"`{a}`: per seed (t)" for a in others) + " |",
+             "|---:|" + "---:|" * len(others)]
+    for s in steps:
+        cells = []
+        for a in others:
+            if s not in per_arm[a]:
+                cells.append("–")
+                continue
+            d, t = per_arm[a][s]
+            vals = ", ".join(f"{k}: {v:+.3g}" for k, v in d.items())
+            cells.append(vals + ("" if t is None else f" (t {t:+.2f})"))
+        lines.append(f"| {int(s)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _bound_text(seed: int, bound: tuple[str, float | None]) -> str:
     marker, value = bound
     if value is None:
@@ -614,6 +661,11 @@ def write_report(root: str, metric: str | None = None, sampler: str = "1step",
           "## Relaunches with changed settings", "",
           *(relaunches(root) or ["None: every run kept the settings it started with."]),
           "",
+          f"## Per seed pair: arm minus `{baseline}` (negative: the arm is lower)", "",
+          "Seeds are paired (same initialisation, data order and noise); t = mean / (sd "
+          "/ sqrt(n)) of the differences, ddof 1, a paired t statistic per step (the "
+          "steps come from the same runs and are not independent tests).", "",
+          paired_table(curves, baseline) if len(curves) > 1 else "Only one arm.", "",
           f"## Speed-up over `{baseline}`", "",
           "Speed-up at a level = steps vanilla needs to reach it / steps the arm needs, "
           "each read off a curve by linear interpolation between evaluated steps. The "

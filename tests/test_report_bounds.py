@@ -160,3 +160,38 @@ def test_an_arm_there_at_step_0_is_an_infinite_lower_bound_not_a_crash():
     assert cell.startswith("≥ ∞×")
     assert "not exact: seed 0 ≥ ∞" in cell
     assert sp["bounds"] == {0: ("≥", float("inf"))} and sp["pairs"] == {0: None}
+
+
+def test_paired_differences_match_scipy_paired_t():
+    """The per-seed table's differences and t are scipy's `ttest_rel` on the same pairs.
+
+    Seed 3 of the arm has no vanilla partner and vanilla seed 2 misses step 300: both
+    must be left out of those pairs, not matched to another seed.
+    """
+    from scipy import stats
+
+    vanilla = {0: _curve(STEPS, [9.0, 7.0, 5.0, 4.0]), 1: _curve(STEPS, [9.5, 7.2, 5.5, 4.1]),
+               2: _curve([100, 200, 400], [8.7, 6.9, 3.8])}
+    arm = {0: _curve(STEPS, [8.0, 6.5, 4.0, 3.1]), 1: _curve(STEPS, [9.9, 6.0, 4.6, 3.0]),
+           2: _curve(STEPS, [8.8, 6.1, 4.2, 3.3]), 3: _curve(STEPS, [1.0, 1.0, 1.0, 1.0])}
+    got = {s: (d, t) for s, d, t in report.paired_differences(vanilla, arm)}
+    assert sorted(got) == STEPS
+    for step in STEPS:
+        seeds = [k for k in (0, 1, 2) if step in vanilla[k].steps]
+        a = [float(arm[k].values[arm[k].steps == step][0]) for k in seeds]
+        v = [float(vanilla[k].values[vanilla[k].steps == step][0]) for k in seeds]
+        d, t = got[step]
+        assert list(d) == seeds
+        np.testing.assert_allclose(list(d.values()), np.subtract(a, v), rtol=1e-12)
+        np.testing.assert_allclose(t, stats.ttest_rel(a, v).statistic, rtol=1e-10)
+    table = report.paired_table({"none": vanilla, "linear": arm}, "none")
+    assert "| 300 | 0: -1, 1: -0.9 (t " in table
+
+
+def test_paired_differences_without_spread_give_no_t():
+    """One pair, or identical differences, have no t (not a division by zero)."""
+    one = report.paired_differences({0: _curve([1], [2.0])}, {0: _curve([1], [1.0])})
+    assert one == [(1.0, {0: -1.0}, None)]
+    same = report.paired_differences({0: _curve([1], [2.0]), 1: _curve([1], [3.0])},
+                                     {0: _curve([1], [1.0]), 1: _curve([1], [2.0])})
+    assert same[0][2] is None
