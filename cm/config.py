@@ -138,6 +138,12 @@ def build(config: Any) -> Config:
     if v["latent"].enabled and v["data"].image_size % v["latent"].factor:
         raise ConfigError(f"data.image_size={v['data'].image_size} is not a multiple of "
                           f"latent.factor={v['latent'].factor}")
+    if v["latent"].enabled and sample.clip_denoised:
+        # Latents (unit variance after the scaling factor) are not bounded to [-1, 1]:
+        # clipping x0 estimates there would cut about a third of their values.
+        v["sample"] = sample = sample.replace(clip_denoised=False)
+        notes.append("sample.clip_denoised=False: latents are not bounded to [-1, 1] "
+                     "(the decoded images are clipped)")
     if objective.uses_lpips(cm) and v["latent"].enabled:
         raise ConfigError("cm.metric=lpips compares images, not latents: use pseudo_huber "
                           "for latent training")

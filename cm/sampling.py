@@ -45,8 +45,9 @@ def make_sampler(apply_fn: ApplyFn, cfg: CMConfig, mesh: Mesh,
             labels = jax.random.randint(label_key, (batch_size,), 0, num_classes)
         out = sample_fn(apply_fn, params, cfg, key, (batch_size,) + image_shape, labels)
         x, nfe = out if spec.nfe is None else (out, spec.nfe)
-        if decode is not None:
-            x = decode(dec_vars, x)
+        # The samplers return their end point unclipped: images are clipped here, latents
+        # go to the decoder as they are (they are not bounded; the decoder clips pixels).
+        x = decode(dec_vars, x) if decode is not None else jnp.clip(x, -1.0, 1.0)
         images = jnp.round((x + 1.0) * 127.5).astype(jnp.uint8)
         return images, jnp.asarray(nfe, jnp.float32)
 

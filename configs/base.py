@@ -150,8 +150,10 @@ def get_config() -> ml_collections.ConfigDict:
     sample.eta = 0.0  # DDPM runs, ddim: 0 = deterministic, 1 = ancestral (posterior variance)
     sample.skip = "uniform"  # DDPM runs: sub-sequence of timesteps, uniform | quadratic
     sample.label = -1  # class-conditional models: a class, or -1 for a class grid
-    # multistep consistency sampling (sample.ts, eval 2step): clip each step's x0 to [-1, 1]
-    # before re-noising, as the OpenAI sampler does (False: the last step only)
+    # clip the model's x0 estimates to the data's [-1, 1] while sampling: each step of
+    # multistep consistency sampling (sample.ts, eval 2step) before re-noising, as the
+    # OpenAI sampler does, and DDIM/DDPM's x0_hat (ddpm-torch's default). Images are always
+    # clipped at the end. Latent runs set it False (latents are not bounded).
     sample.clip_denoised = True
 
     # Latent training: an autoencoder encodes the dataset once into a latent store, the

@@ -137,3 +137,79 @@ def test_flipped_rows_train_on_the_encodings_of_the_mirrored_images(trained_ae, 
     np.testing.assert_array_equal(x[flips], stored.flipped[idx[flips]])
     np.testing.assert_array_equal(x[~flips], stored.latents[idx[~flips]])
     jax.effects_barrier()
+
+
+# ----------------------------------------------------------------------------------------
+# Latents are not clipped while sampling. Scaled latents have unit variance, so a clip to
+# the pixels' [-1, 1] (of x0 estimates or of the end point) would cut about a third of
+# their values. Data N(0, s^2) with s = 2 have an exact denoiser in closed form; sampling
+# with it must end with variance s^2, and a clip anywhere gives less than 1.
+
+S_LATENT = 2.0
+
+
+def _exact_eps(cfg):
+    from cm.objectives import ddpm
+
+    ab = np.asarray(ddpm.schedule_of(cfg).alphas_cumprod, np.float64)
+
+    def apply(params, x, t, labels, train_, key):  # E[eps | x_t] for x0 ~ N(0, s^2)
+        a = jax.numpy.asarray(ab, np.float32)[t.astype(np.int32)][:, None, None, None]
+        return jax.numpy.sqrt(1 - a) * x / (a * S_LATENT**2 + 1 - a)
+
+    return apply
+
+
+def test_latent_configs_sample_without_clipping_the_x0_estimates(tmp_path):
+    cfg = config_lib.build(_latent_config(str(tmp_path / "ae"), str(tmp_path / "store")))
+    assert cfg.sample.clip_denoised is False
+    assert any("sample.clip_denoised=False" in n for n in cfg.notes)
+    assert config_lib.build(tiny_config()).sample.clip_denoised is True  # pixels: unchanged
+
+
+def test_ddim_honours_clip_denoised_and_records_it_when_off():
+    from cm.objectives import SampleOptions, ddpm
+    from cm.runtime.views import CMConfig
+
+    cfg = CMConfig(loss="ddpm")
+    apply, shape = _exact_eps(cfg), (512, 4, 4, 1)
+    for name in ("ddim50", "ddpm100"):
+        free = ddpm.SAMPLING.named(cfg, name, SampleOptions(clip_denoised=False))
+        x = np.asarray(free.sample(apply, None, cfg, jax.random.PRNGKey(0), shape, None))
+        assert np.var(x) == pytest.approx(S_LATENT**2, rel=0.1), name
+        assert free.clip_denoised is False
+        clipped = ddpm.SAMPLING.named(cfg, name, SampleOptions())
+        y = np.asarray(clipped.sample(apply, None, cfg, jax.random.PRNGKey(0), shape, None))
+        assert np.abs(y).max() <= 1.0 and clipped.clip_denoised is None  # pixel rows as before
+
+
+def test_make_sampler_hands_the_decoder_unclipped_latents():
+    """Every family's end point reaches the decoder as it is; pixel samples are clipped."""
+    from cm.objectives import SampleOptions, edm, fm
+    from cm.runtime.distributed import make_mesh
+    from cm.runtime.views import CMConfig
+    from cm.sampling import make_sampler
+
+    def fm_net(params, x, t_cond, labels, train_, key):  # exact velocity, data N(0, s^2)
+        t = (t_cond / 1000.0)[:, None, None, None]
+        return (t - (1 - t) * S_LATENT**2) / ((1 - t) ** 2 * S_LATENT**2 + t**2) * x
+
+    def edm_net(params, x_in, t_cond, labels, train_, key):  # exact denoiser as F
+        sigma = jax.numpy.exp(4.0 * t_cond)[:, None, None, None]
+        c_skip, c_out, c_in, _ = edm.scalings(sigma, 0.5)
+        x = x_in / c_in
+        return (S_LATENT**2 / (S_LATENT**2 + sigma**2) * x - c_skip * x) / c_out
+
+    decode = (lambda variables, z: jax.numpy.clip(z / 8.0, -1.0, 1.0), None)  # noqa: E731
+    mesh, shape = make_mesh(), (4, 4, 1)
+    cases = [(fm, CMConfig(loss="fm", fm_t_scale=1000.0), fm_net, "euler50"),
+             (edm, CMConfig(loss="edm", sigma_max=80.0), edm_net, "heun18")]
+    for family, cfg, net, name in cases:
+        spec = family.SAMPLING.named(cfg, name, SampleOptions(clip_denoised=False))
+        latent_images = make_sampler(net, cfg, mesh, shape, spec, decoder=decode)
+        pixels = make_sampler(net, cfg, mesh, shape, spec)
+        z = (np.asarray(latent_images(None, jax.random.PRNGKey(1), 512), np.float64)
+             / 127.5 - 1.0) * 8.0
+        assert np.std(z) == pytest.approx(S_LATENT, rel=0.1), name
+        p = np.asarray(pixels(None, jax.random.PRNGKey(1), 512))
+        assert p.dtype == np.uint8 and (p == 0).mean() > 0.1 and (p == 255).mean() > 0.1

@@ -96,8 +96,8 @@ def test_multistep_consistency_sampling_matches_algorithm_1(ts, clip):
         assert 0.01 < np.mean(np.abs(x) > 1.0) < 0.5, "the intermediate clip must matter"
         x = np.clip(x, -1.0, 1.0) if clip else x
         x = cm_f(x + math.sqrt(t**2 - SIGMA_MIN**2) * zi, t)
-    want = np.clip(x, -1.0, 1.0)
-    assert 0.01 < np.mean(np.abs(x) > 1.0) < 0.5, "some, not all, values must be clipped"
+    want = x  # the last x0 as it is: make_sampler clips images, never latents
+    assert 0.01 < np.mean(np.abs(x) > 1.0) < 0.5, "a final clip must show"
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     spec = consistency.SAMPLING.named(cfg_of("ct"), "2step", SampleOptions())
     assert spec.clip_denoised is True and spec.tag == "2step"  # the default
@@ -124,11 +124,9 @@ def test_ode_samplers_match_edm_algorithm_1(solver, steps):
             d_next = (x_next - edm_d(x_next, t_next)) / t_next
             x_next = x + (t_next - t) * (d + d_next) / 2
         x = x_next
-    want = np.clip(x, -1.0, 1.0)
-    clipped = np.mean(np.abs(x) > 1.0)
-    assert clipped < 0.5, "most values must be compared unclipped"
+    want = x  # the end point as it is: make_sampler clips images, never latents
     if solver == "heun":
-        assert clipped > 0.01, "some values must be clipped, so that the clip is checked"
+        assert np.mean(np.abs(x) > 1.0) > 0.01, "a final clip must show"
     np.testing.assert_allclose(got, want, rtol=0, atol=5e-5)  # float32 vs float64
 
 

@@ -135,8 +135,9 @@ def consistency_loss(apply_fn: ApplyFn, cfg: CMConfig, params: PyTree,
 def sample(apply_fn: ApplyFn, params, cfg: CMConfig, key: jax.Array, shape: tuple[int, ...],
            ts: Sequence[float], labels: jax.Array | None = None,
            clip_denoised: bool = False) -> jax.Array:
-    """Draws `shape[0]` images in [-1, 1] with the descending times `ts` (jittable);
-    `clip_denoised` clips each intermediate x0 to [-1, 1] too."""
+    """Draws `shape[0]` samples with the descending times `ts` (jittable); `clip_denoised`
+    clips each intermediate x0 to [-1, 1]. The last x0 is returned as it is: the caller
+    clips images (`cm.sampling.make_sampler`), never latents."""
     if not ts:
         raise ValueError("sampling needs at least one time")
     if any(b >= a for a, b in zip(ts, ts[1:], strict=False)):
@@ -151,7 +152,7 @@ def sample(apply_fn: ApplyFn, params, cfg: CMConfig, key: jax.Array, shape: tupl
         noise = jax.random.normal(k, shape)
         x = x + np.sqrt(max(t**2 - cfg.sigma_min**2, 0.0)) * noise
         x = consistency_fn(apply_fn, params, x, jnp.full((b,), t), cfg, labels)
-    return jnp.clip(x, -1.0, 1.0)
+    return x
 
 
 # Consistency sampler name -> its descending times, from (sigma_max, eval.two_step_t).

@@ -230,23 +230,24 @@ def ancestral_loop(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
 
 def ddim_sample(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
                 key: jax.Array, shape: tuple[int, ...], steps: int, eta: float = 0.0,
-                skip: str = "uniform", labels: jax.Array | None = None) -> jax.Array:
-    """`shape[0]` DDIM samples in [-1, 1] from x_T ~ N(0, I) (jittable)."""
+                skip: str = "uniform", labels: jax.Array | None = None,
+                clip_denoised: bool = True) -> jax.Array:
+    """`shape[0]` DDIM samples from x_T ~ N(0, I) (jittable), not clipped: the caller
+    clips images to [-1, 1] (`cm.sampling.make_sampler`); latents are not clipped."""
     x_key, key = jax.random.split(key)
-    x = ddim_loop(apply_fn, params, cfg, jax.random.normal(x_key, shape), key, steps, eta,
-                  skip, labels)
-    return jnp.clip(x, -1.0, 1.0)
+    return ddim_loop(apply_fn, params, cfg, jax.random.normal(x_key, shape), key, steps, eta,
+                     skip, labels, clip_denoised)
 
 
 def ancestral_sample(apply_fn: ApplyFn, params: PyTree,
                      cfg: CMConfig, key: jax.Array, shape: tuple[int, ...],
                      steps: int, skip: str = "uniform", labels: jax.Array | None = None,
-                     ) -> jax.Array:
-    """`shape[0]` DDPM ancestral samples in [-1, 1] from x_T ~ N(0, I) (jittable)."""
+                     clip_denoised: bool = True) -> jax.Array:
+    """`shape[0]` DDPM ancestral samples from x_T ~ N(0, I) (jittable), not clipped (as
+    `ddim_sample`)."""
     x_key, key = jax.random.split(key)
-    x = ancestral_loop(apply_fn, params, cfg, jax.random.normal(x_key, shape), key, steps,
-                       skip, labels)
-    return jnp.clip(x, -1.0, 1.0)
+    return ancestral_loop(apply_fn, params, cfg, jax.random.normal(x_key, shape), key, steps,
+                          skip, labels, clip_denoised)
 
 
 def _timesteps(cfg: CMConfig, steps: int, options) -> np.ndarray:
@@ -262,11 +263,12 @@ def _check(cfg: CMConfig, steps: int, options) -> None:
 
 def _ddim(apply_fn, params, cfg, key, shape, labels, steps, options):
     return ddim_sample(apply_fn, params, cfg, key, shape, steps, options.eta, options.skip,
-                       labels)
+                       labels, options.clip_denoised)
 
 
 def _ancestral(apply_fn, params, cfg, key, shape, labels, steps, options):
-    return ancestral_sample(apply_fn, params, cfg, key, shape, steps, options.skip, labels)
+    return ancestral_sample(apply_fn, params, cfg, key, shape, steps, options.skip, labels,
+                            options.clip_denoised)
 
 
 def _tag(name: str, steps: int, options) -> str:
@@ -277,8 +279,9 @@ def _tag(name: str, steps: int, options) -> str:
 
 
 SAMPLING = SolverSampling(
-    {"ddim": Solver(lambda s: s, _timesteps, _ddim, _check, reads_eta=True, tag=_tag),
-     "ddpm": Solver(lambda s: s, _timesteps, _ancestral, _check, tag=_tag)},
+    {"ddim": Solver(lambda s: s, _timesteps, _ddim, _check, reads_eta=True, tag=_tag,
+                   reads_clip=True),
+     "ddpm": Solver(lambda s: s, _timesteps, _ancestral, _check, tag=_tag, reads_clip=True)},
     default_solver="ddim", default_steps=50, kind="DDIM or ancestral samplers",
     examples='"ddim50","ddpm1000"', config_file="configs/cifar10_ddpm.py",
     max_steps=lambda cfg: cfg.num_timesteps)

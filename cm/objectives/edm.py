@@ -117,7 +117,7 @@ def ode_sample(apply_fn: ApplyFn, params: PyTree, cfg: CMConfig,
         x = euler(steps - 1, x)
     else:
         x = jax.lax.fori_loop(0, steps, euler, x)
-    return jnp.clip(x, -1.0, 1.0)
+    return x
 
 
 def _karras(cfg: CMConfig, steps: int, options) -> np.ndarray:

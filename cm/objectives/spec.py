@@ -25,7 +25,8 @@ ApplyFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array | None, bool, jax.Ar
 # loss(apply_fn, cfg, params, target_params, x, z, step, example_keys, dropout_key, labels,
 #      **frozen) -> (mean loss over the shard, aux metrics); `z` is the (paired) noise.
 LossFn = Callable[..., tuple[jax.Array, dict]]
-# sample(apply_fn, params, cfg, key, shape, labels) -> images in [-1, 1] (jittable).
+# sample(apply_fn, params, cfg, key, shape, labels) -> samples (jittable), not clipped at
+# the end: `cm.sampling.make_sampler` clips images to [-1, 1] and decodes latents unclipped.
 SampleFn = Callable[..., jax.Array]
 
 
@@ -36,7 +37,7 @@ class SampleOptions:
     eta: float = 0.0  # DDIM: 0 = deterministic
     skip: str = "uniform"  # DDPM samplers: sub-sequence of timesteps
     two_step_t: float = 0.821  # consistency 2step: the intermediate time
-    clip_denoised: bool = True  # multistep consistency: clip each step's x0 to [-1, 1]
+    clip_denoised: bool = True  # multistep consistency, DDIM/DDPM: clip x0 to [-1, 1]
 
     @classmethod
     def of_sample(cls, s: SampleConfig) -> "SampleOptions":
@@ -52,7 +53,7 @@ class SampleOptions:
 class Sampler:
     """One concrete sampler: its name, the times it visits (descending, recorded in
     evaluation rows), its network calls per image, its eta where it reads one, and the
-    jittable function that draws images in [-1, 1]."""
+    jittable function that draws the samples (images, or latents in latent training)."""
 
     name: str
     times: tuple[float, ...]
@@ -60,7 +61,9 @@ class Sampler:
     eta: float | None = None
     tag: str = ""  # file-name tag of `--mode sample`
     sample: SampleFn = dataclasses.field(default=None, compare=False, repr=False)
-    clip_denoised: bool | None = None  # multistep consistency sampling: its clip (recorded)
+    # Its clip of the x0 estimates where it has one to record: multistep consistency
+    # sampling always, DDIM/DDPM when off (latent runs); None otherwise.
+    clip_denoised: bool | None = None
 
     @property
     def key(self) -> tuple:
@@ -161,6 +164,8 @@ class Solver:
       sample: (apply_fn, params, cfg, key, shape, labels, steps, options) -> images.
       check: (cfg, steps, options) -> None, raising ValueError on what does not fit.
       reads_eta: whether `eta` is part of what it computes (recorded in rows).
+      reads_clip: whether it clips its x0 estimates per `clip_denoised` (recorded in rows
+        when off; on, the default, rows keep no field, as before it was an option).
       tag: (name, steps, options) -> the `--mode sample` file-name tag.
     """
 
@@ -169,6 +174,7 @@ class Solver:
     sample: Callable
     check: Callable[[CMConfig, int, SampleOptions], None] = lambda cfg, steps, options: None
     reads_eta: bool = False
+    reads_clip: bool = False
     tag: Callable[[str, int, SampleOptions], str] = lambda name, steps, options: (
         f"{name}{steps}")
 
@@ -208,7 +214,8 @@ class SolverSampling(Sampling):
         times = tuple(float(t) for t in spec.times(cfg, steps, options))
         return Sampler(name, times, spec.network_calls(steps),
                        options.eta if spec.reads_eta else None,
-                       spec.tag(solver, steps, options), sample)
+                       spec.tag(solver, steps, options), sample,
+                       False if spec.reads_clip and not options.clip_denoised else None)
 
     def named(self, cfg, name, options):
         parsed = self.parse(name)
